@@ -1,0 +1,50 @@
+"""speculators-hf: speculative-decoding drafts as native Hugging Face models.
+
+Importing the package registers every draft family with AutoConfig (`model_type="speculators"`),
+AutoModel and AutoModelForCausalLM.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .config import SpeculatorConfig, SpeculatorConfigError
+from .generation import GenerationStats, VerifierBindingError
+from .loading import AutoSpeculatorForCausalLM, load_draft
+from .models import (
+    FAMILIES,
+    Eagle3Speculator,
+    Eagle3SpeculatorConfig,
+    IndependentSpeculator,
+    IndependentSpeculatorConfig,
+    SpeculatorLoadError,
+    SpeculatorModel,
+    is_speculator,
+)
+
+try:
+    __version__ = version("speculators-hf")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+AutoConfig.register(SpeculatorConfig.model_type, SpeculatorConfig, exist_ok=True)
+for _config_class, _model_class in FAMILIES:
+    AutoModel.register(_config_class, _model_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+
+__all__ = [
+    "AutoSpeculatorForCausalLM",
+    "Eagle3Speculator",
+    "Eagle3SpeculatorConfig",
+    "GenerationStats",
+    "IndependentSpeculator",
+    "IndependentSpeculatorConfig",
+    "SpeculatorConfig",
+    "SpeculatorConfigError",
+    "SpeculatorLoadError",
+    "SpeculatorModel",
+    "VerifierBindingError",
+    "__version__",
+    "is_speculator",
+    "load_draft",
+]

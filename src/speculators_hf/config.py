@@ -1,0 +1,271 @@
+"""Speculator configuration: a transformers config that is also a valid `speculators`/vLLM config.
+
+Every draft family shares the top-level `model_type = "speculators"` (the only value besides "absent"
+that vLLM accepts for this format) and says which family it is in `speculators_model_type`. The
+`speculators_config` block (algorithm, proposal methods, verifier reference + fingerprint) and each
+family's flat fields are validated by pydantic on load and on save, so a bad file fails with the
+field's name and the expected value instead of producing a silently wrong draft.
+
+This module is part of the remote-code bundle (see `remote_code.py`): it imports only third-party
+packages, never `speculators_hf` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from transformers import AutoConfig, PretrainedConfig
+
+# Version of the `speculators` checkpoint format these configs follow (what `speculators` 0.9 writes).
+SPECULATORS_FORMAT_VERSION = "0.9.0"
+MODEL_TYPE = "speculators"
+
+
+class SpeculatorConfigError(ValueError):
+    """A speculator config (or config.json) is malformed; the message names the field and the fix."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per pydantic error: `field.path: problem (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        got = e.get("input")
+        got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '<root>'}: {e['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# pydantic schemas of the `speculators_config` block
+# --------------------------------------------------------------------------------------------------
+class ProposalMethod(BaseModel):
+    """One way of proposing tokens; `speculative_tokens` is the default draft length."""
+
+    model_config = ConfigDict(extra="allow")
+
+    proposal_type: Literal["greedy", "sample", "tree"] = "greedy"
+    speculative_tokens: PositiveInt = 5
+    verifier_accept_k: PositiveInt = 1
+    accept_tolerance: NonNegativeFloat = 0.0
+
+
+class VerifierReference(BaseModel):
+    """The verifier a draft was made for, and its fingerprint.
+
+    The fingerprint (vocab size, hidden size, layer count, special token ids, optional tokenizer hash)
+    lives here and never in the weights: vLLM refuses any tensor it does not expect.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name_or_path: str | None = None
+    architectures: list[str] = Field(default_factory=list)
+    revision: str | None = None
+    vocab_size: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    num_hidden_layers: PositiveInt | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tokenizer_hash: str | None = None
+
+
+class SpeculatorsBlock(BaseModel):
+    """The `speculators_config` block, as `speculators` and vLLM read it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    algorithm: str
+    proposal_methods: list[ProposalMethod] = Field(min_length=1)
+    default_proposal_method: str = "greedy"
+    verifier: VerifierReference
+
+    @model_validator(mode="after")
+    def _default_method_exists(self) -> SpeculatorsBlock:
+        types = [m.proposal_type for m in self.proposal_methods]
+        if self.default_proposal_method not in types:
+            raise ValueError(f"default_proposal_method {self.default_proposal_method!r} is not one of the proposal_methods {types}")
+        return self
+
+
+FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def verifier_fingerprint(verifier_config: PretrainedConfig) -> dict[str, Any]:
+    """The fingerprint fields of a verifier's (text) config."""
+    text = verifier_config.get_text_config()
+    return {name: getattr(text, name, None) for name in FINGERPRINT_FIELDS}
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A stable hash of a tokenizer's vocabulary and special tokens (order-independent)."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": sorted(map(str, tokenizer.all_special_tokens))}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# the config class
+# --------------------------------------------------------------------------------------------------
+class SpeculatorConfig(PretrainedConfig):
+    """Base config of every draft family.
+
+    `AutoConfig` is registered once for `model_type="speculators"`; `from_dict` dispatches on
+    `speculators_model_type` to the family's subclass (registered with `register_family`).
+    The verifier's vocab size and special ids are exposed as `vocab_size`, `bos_token_id`, ... so that
+    transformers' assisted generation and `pipeline` see the same token space as the verifier.
+    """
+
+    model_type = MODEL_TYPE
+    # Family name in `speculators_model_type`; set by subclasses.
+    family: ClassVar[str] = ""
+    # pydantic model validating the family's flat fields (same names as the dataclass fields).
+    fields_schema: ClassVar[type[BaseModel] | None] = None
+    families: ClassVar[dict[str, type[SpeculatorConfig]]] = {}
+
+    speculators_model_type: str = ""
+    speculators_version: str = SPECULATORS_FORMAT_VERSION
+    speculators_config: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Accept the fingerprint as top-level kwargs (as `vocab_size=` etc.), like any HF config.
+        fingerprint = {k: kwargs.pop(k) for k in FINGERPRINT_FIELDS if k in kwargs}
+        super().__post_init__(**kwargs)
+        if not self.speculators_model_type:
+            self.speculators_model_type = self.family
+        if self.speculators_config is None:
+            self.speculators_config = default_speculators_config(self.family or self.speculators_model_type)
+        self.speculators_config.setdefault("verifier", {}).update(fingerprint)
+        self.validate_speculator()
+
+    # -- validation --------------------------------------------------------------------------------
+    def validate_speculator(self) -> None:
+        """Validate the speculators block and the family fields; raise `SpeculatorConfigError`."""
+        if self.family and self.speculators_model_type != self.family:
+            raise SpeculatorConfigError(
+                f"speculators_model_type is {self.speculators_model_type!r} but {type(self).__name__} expects {self.family!r}"
+            )
+        problems = []
+        try:
+            block = SpeculatorsBlock.model_validate(self.speculators_config)
+            self.speculators_config = block.model_dump(mode="json", exclude_none=False)
+        except ValidationError as err:
+            problems.append(format_validation_error(err, "speculators_config"))
+        if self.fields_schema is not None:
+            values = {name: getattr(self, name) for name in self.fields_schema.model_fields}
+            values = {k: (v.to_dict() if isinstance(v, PretrainedConfig) else v) for k, v in values.items()}
+            try:
+                self.fields_schema.model_validate(values)
+            except ValidationError as err:
+                problems.append(format_validation_error(err))
+        if problems:
+            raise SpeculatorConfigError(
+                f"Invalid {type(self).__name__} ({self.speculators_model_type or 'unknown family'}):\n"
+                + "\n".join(problems)
+                + "\nFix these fields in config.json (or the arguments) and load again."
+            )
+
+    # -- verifier reference ------------------------------------------------------------------------
+    @property
+    def verifier(self) -> dict[str, Any]:
+        """The `speculators_config.verifier` block (name_or_path, architectures, fingerprint)."""
+        assert self.speculators_config is not None
+        return self.speculators_config["verifier"]
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Default draft length: `speculative_tokens` of the default proposal method."""
+        assert self.speculators_config is not None
+        default = self.speculators_config["default_proposal_method"]
+        for method in self.speculators_config["proposal_methods"]:
+            if method["proposal_type"] == default:
+                return int(method["speculative_tokens"])
+        raise SpeculatorConfigError(f"no proposal method {default!r}")
+
+    @speculative_tokens.setter
+    def speculative_tokens(self, value: int) -> None:
+        assert self.speculators_config is not None
+        default = self.speculators_config["default_proposal_method"]
+        for method in self.speculators_config["proposal_methods"]:
+            if method["proposal_type"] == default:
+                method["speculative_tokens"] = int(value)
+        self.validate_speculator()
+
+    # The verifier's token space, as transformers' assisted generation and `pipeline` compare it.
+    vocab_size = property(lambda self: self.verifier.get("vocab_size"), lambda self, v: self.verifier.update(vocab_size=v))
+    bos_token_id = property(lambda self: self.verifier.get("bos_token_id"), lambda self, v: self.verifier.update(bos_token_id=v))
+    eos_token_id = property(lambda self: self.verifier.get("eos_token_id"), lambda self, v: self.verifier.update(eos_token_id=v))
+    pad_token_id = property(lambda self: self.verifier.get("pad_token_id"), lambda self, v: self.verifier.update(pad_token_id=v))
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:  # type: ignore[override]
+        """Build the family's config class from a config.json dict (ours or `speculators` 0.9's)."""
+        config_dict = dict(config_dict)
+        family = config_dict.get("speculators_model_type")
+        target: type[SpeculatorConfig] = cls
+        if cls.family == "":
+            if family is None:
+                raise SpeculatorConfigError(
+                    "config.json has no 'speculators_model_type': this is not a speculator checkpoint "
+                    f"(known families: {sorted(cls.families)})."
+                )
+            if family not in cls.families:
+                raise SpeculatorConfigError(
+                    f"unknown speculators_model_type {family!r}; this version of speculators_hf knows "
+                    f"{sorted(cls.families)}. Upgrade speculators_hf, or convert the checkpoint with "
+                    "`speculators-hf convert`."
+                )
+            target = cls.families[family]
+        config_dict.pop("model_type", None)  # absent in `speculators` 0.9 files; always ours on save
+        try:
+            return super(SpeculatorConfig, target).from_dict.__func__(target, config_dict, **kwargs)  # type: ignore[attr-defined]
+        except SpeculatorConfigError:
+            raise
+        except (TypeError, ValueError) as err:  # strict dataclass field errors from transformers
+            raise SpeculatorConfigError(f"Invalid {target.__name__}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        self.validate_speculator()
+        out = super().to_dict()
+        out["model_type"] = MODEL_TYPE
+        out["speculators_model_type"] = self.speculators_model_type
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # vLLM and `speculators` read fields whose defaults differ from ours (e.g. vLLM assumes
+        # norm_before_residual=True when absent), so a saved config is always complete.
+        return self.to_dict()
+
+    @classmethod
+    def register_family(cls, config_class: type[SpeculatorConfig]) -> type[SpeculatorConfig]:
+        """Class decorator: make `speculators_model_type == config_class.family` load as `config_class`."""
+        cls.families[config_class.family] = config_class
+        return config_class
+
+
+def default_speculators_config(algorithm: str, speculative_tokens: int = 5) -> dict[str, Any]:
+    return {
+        "algorithm": algorithm,
+        "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens, "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+        "default_proposal_method": "greedy",
+        "verifier": {"name_or_path": None, "architectures": []},
+    }
+
+
+def build_layer_config(value: PretrainedConfig | dict[str, Any] | None, default_type: str = "llama") -> PretrainedConfig:
+    """A nested decoder-layer config (`transformer_layer_config`) from a dict or config."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    value = dict(value or {})
+    model_type = value.pop("model_type", default_type)
+    value.pop("transformers_version", None)
+    try:
+        return AutoConfig.for_model(model_type, **value)
+    except ValueError as err:
+        raise SpeculatorConfigError(
+            f"transformer_layer_config.model_type {model_type!r} is not a transformers model type: {err}"
+        ) from err

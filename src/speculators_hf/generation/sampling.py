@@ -1,0 +1,67 @@
+"""Token selection for drafts, shared by every family.
+
+Exactness does not depend on the draft's choices, only on reporting them honestly: transformers'
+speculative sampling accepts draft token x with probability min(1, p(x)/q(x)) where q is the
+distribution the draft returned as its score, and resamples from max(0, p - q) otherwise. So a draft
+token must be drawn from exactly softmax(score) (or be its argmax under greedy decoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
+
+
+def expand_draft_vocab(logits: torch.Tensor, d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Scatter logits over a reduced draft vocabulary into the full verifier vocabulary.
+
+    Draft id d means verifier id d + d2t[d]; every verifier id the draft cannot propose gets -inf.
+    Without `d2t` the ids are the verifier's own.
+    `logits` is [..., Vd]; the result is [..., vocab_size] in float32.
+    """
+    logits = logits.float()
+    if d2t is None:  # same token ids; trim padding rows or pad a smaller vocabulary with -inf
+        if logits.shape[-1] >= vocab_size:
+            return logits[..., :vocab_size]
+        return torch.nn.functional.pad(logits, (0, vocab_size - logits.shape[-1]), value=float("-inf"))
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    target_ids = torch.arange(logits.shape[-1], device=logits.device) + d2t.to(logits.device)
+    full[..., target_ids] = logits
+    return full
+
+
+class TokenPicker:
+    """Applies the verifier's logits processors to a draft's logits and picks the draft token.
+
+    Greedy: argmax of the processed scores. Sampling: a draw from softmax(processed scores), which is
+    the q that the verifier's acceptance test uses.
+    """
+
+    def __init__(self, logits_processor: Iterable[LogitsProcessor] | None, do_sample: bool, generator: torch.Generator | None = None):
+        # transformers hands the assistant a plain list of processors (a LogitsProcessorList is one too)
+        self.processors = list(logits_processor or [])
+        self.do_sample = do_sample
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
+        scores = logits.float()
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
+        if self.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        else:
+            token = scores.argmax(dim=-1)
+        return token, scores
+
+
+def point_mass(token: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Scores whose softmax is all mass on `token` ([B] -> [B, V]): used for a placeholder proposal, which
+    keeps greedy and sampled outputs exact (it is accepted with probability p(token))."""
+    scores = torch.full((token.shape[0], vocab_size), float("-inf"), device=token.device)
+    scores.scatter_(1, token[:, None], 0.0)
+    return scores

@@ -1,0 +1,63 @@
+"""Load a draft, or a draft and its verifier already bound, in one call (like PEFT's AutoPeft* classes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .config import SpeculatorConfig
+from .models import FAMILIES, SpeculatorModel
+
+_MODEL_FOR_CONFIG = {config_class: model_class for config_class, model_class in FAMILIES}
+
+
+def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorModel:
+    """Load a draft checkpoint (ours, or a `speculators` 0.9 one whose config has no `model_type`).
+
+    `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...).
+    """
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+    config = SpeculatorConfig.from_pretrained(name_or_path, **hub_kwargs)
+    model_class = _MODEL_FOR_CONFIG[type(config)]
+    return model_class.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+class AutoSpeculatorForCausalLM:
+    """`AutoSpeculatorForCausalLM.from_pretrained(draft_id)` loads the draft AND the verifier named in its
+    config, binds them, and returns the draft; the verifier is `draft.verifier`:
+
+    ```python
+    draft = AutoSpeculatorForCausalLM.from_pretrained("org/llama-eagle3", dtype=torch.bfloat16)
+    out = draft.verifier.generate(**inputs, assistant_model=draft)
+    ```
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        draft_name_or_path: str | os.PathLike,
+        verifier: str | os.PathLike | PreTrainedModel | None = None,
+        verifier_kwargs: dict[str, Any] | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> SpeculatorModel:
+        """`verifier`: a loaded model, or an id/path overriding the draft's reference. `kwargs` (dtype,
+        device_map, revision, ...) go to the draft; `verifier_kwargs` (default: dtype/device_map of
+        `kwargs`) to the verifier's `AutoModelForCausalLM.from_pretrained`."""
+        draft = load_draft(draft_name_or_path, **kwargs)
+        if not isinstance(verifier, PreTrainedModel):
+            reference = draft.config.verifier
+            name = verifier or reference.get("name_or_path")
+            if not name:
+                raise ValueError(
+                    f"{draft_name_or_path} does not name its verifier (speculators_config.verifier.name_or_path is empty); "
+                    "pass verifier=<model id, path or loaded model>"
+                )
+            vkw = dict(verifier_kwargs) if verifier_kwargs is not None else {k: kwargs[k] for k in ("dtype", "device_map") if k in kwargs}
+            if verifier is None and reference.get("revision"):
+                vkw.setdefault("revision", reference["revision"])
+            verifier = AutoModelForCausalLM.from_pretrained(name, **vkw)
+        draft.to(verifier.device)
+        return draft.bind_verifier(verifier, tokenizer=tokenizer)

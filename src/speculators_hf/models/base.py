@@ -1,0 +1,298 @@
+"""`SpeculatorModel`: what every draft family shares.
+
+- A reference to its verifier (like a PEFT adapter's `base_model_name_or_path`) plus a fingerprint
+  (vocab size, hidden size, layers, special ids) that `bind_verifier` checks.
+- `bind_verifier` installs the hooks that capture the verifier hidden states the draft needs during
+  the verifier's own forward passes.
+- `generate` implements the contract of transformers' assisted decoding
+  (`verifier.generate(..., assistant_model=draft)`): it returns `.sequences` (prompt + k draft
+  tokens), `.scores` (k [1, V] tensors over the verifier vocabulary) and `.cache` (a `DraftSession`).
+- `save_pretrained` writes safetensors, a complete config, the flat remote-code files and `auto_map`,
+  atomically. `from_pretrained` turns missing or misshapen tensors into errors.
+
+A family subclass defines: `verifier_layer_ids`, `new_draft_state`, `propose`, `config_from_verifier`
+and optionally `init_from_verifier` / `on_bind`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, tokenizer_hash, verifier_fingerprint
+from ..generation.capture import VerifierBindingError, VerifierTap
+from ..generation.sampling import TokenPicker
+from ..generation.session import DraftSession
+from ..generation.stats import GenerationStats
+from ..remote_code import write_remote_code
+
+class SpeculatorLoadError(ValueError):
+    """A checkpoint's weights do not match its config (missing, unexpected or misshapen tensors)."""
+
+
+def is_speculator(model: Any) -> bool:
+    """True for any speculators_hf draft, including copies loaded as remote code."""
+    return bool(getattr(model, "_is_speculator", False))
+
+
+class SpeculatorModel(PreTrainedModel, GenerationMixin):
+    config_class: Any = SpeculatorConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _is_speculator: ClassVar[bool] = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules: ClassVar[list[str]] = []
+    # Tensors a checkpoint may lack (e.g. an embedding taken from the verifier when absent).
+    optional_weights: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: SpeculatorConfig):
+        super().__init__(config)
+        # Plain attributes (not submodules): the verifier is never part of the draft's state dict.
+        self._binding: dict[str, Any] | None = None
+        self._session: DraftSession | None = None
+        self._last_stats = GenerationStats()
+
+    # ---------------------------------------------------------------------------------------------
+    # what a family defines
+    # ---------------------------------------------------------------------------------------------
+    def verifier_layer_ids(self) -> list[int]:
+        """Verifier hidden states the draft reads, in `output_hidden_states` numbering (0 = embeddings,
+        num_layers = post-norm last hidden state). Empty for drafts that only read tokens."""
+        raise NotImplementedError
+
+    def new_draft_state(self) -> Any:
+        """Fresh per-generation state (e.g. the draft's KV cache)."""
+        raise NotImplementedError
+
+    def propose(
+        self,
+        state: Any,
+        input_ids: torch.LongTensor,
+        features: list[torch.Tensor],
+        start: int,
+        num_tokens: int,
+        pick: TokenPicker,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Draft `num_tokens` tokens after `input_ids` [1, n].
+
+        `features` holds the verifier hidden states (one tensor per id of `verifier_layer_ids`, ascending)
+        for positions `start .. n-2`, the ones verified since the last call; anything the draft computed
+        at positions >= `start` in an earlier round came from its own guesses and must be recomputed.
+        Returns (tokens [1, k], k scores [1, V] over the verifier vocabulary, each the distribution the
+        token was drawn from, after `pick`'s logits processors)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_verifier(cls, verifier_config: Any, **overrides: Any) -> SpeculatorConfig:
+        """A config for a new draft sized for `verifier_config`."""
+        raise NotImplementedError
+
+    def init_from_verifier(self, verifier: PreTrainedModel) -> None:
+        """Initialise weights that a new draft copies from its verifier (e.g. embeddings)."""
+
+    def on_bind(self, verifier: PreTrainedModel) -> None:
+        """Check family-specific compatibility and keep references to verifier parts the draft uses."""
+
+    # ---------------------------------------------------------------------------------------------
+    # construction and binding
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_verifier(cls, verifier: PreTrainedModel, tokenizer: Any = None, **overrides: Any) -> SpeculatorModel:
+        """A new, untrained draft sized for `verifier`, recording its reference, already bound."""
+        draft = cls(cls.config_for(verifier, tokenizer, **overrides))
+        draft.to(device=verifier.device, dtype=verifier.dtype)
+        draft.init_from_verifier(verifier)
+        return draft.bind_verifier(verifier, tokenizer=tokenizer)
+
+    @classmethod
+    def config_for(cls, verifier: PreTrainedModel, tokenizer: Any = None, **overrides: Any) -> SpeculatorConfig:
+        """`config_from_verifier` plus the verifier reference: name, architectures and fingerprint."""
+        config = cls.config_from_verifier(verifier.config, **overrides)
+        config.verifier.update(
+            name_or_path=getattr(verifier, "name_or_path", None) or verifier.config.name_or_path or None,
+            architectures=list(verifier.config.architectures or [type(verifier).__name__]),
+            **verifier_fingerprint(verifier.config),
+        )
+        if tokenizer is not None:
+            config.verifier["tokenizer_hash"] = tokenizer_hash(tokenizer)
+        config.validate_speculator()
+        return config
+
+    def check_verifier(self, verifier: PreTrainedModel, tokenizer: Any = None) -> None:
+        """Raise `VerifierBindingError` naming every fingerprint field where `verifier` differs."""
+        expected = self.config.verifier
+        actual = verifier_fingerprint(verifier.config)
+        problems = [
+            f"  {name}: draft expects {expected[name]!r}, verifier has {actual[name]!r}"
+            for name in FINGERPRINT_FIELDS
+            if expected.get(name) is not None and actual[name] != expected[name]
+        ]
+        if tokenizer is not None and expected.get("tokenizer_hash") and tokenizer_hash(tokenizer) != expected["tokenizer_hash"]:
+            problems.append(f"  tokenizer_hash: draft expects {expected['tokenizer_hash']}, tokenizer has {tokenizer_hash(tokenizer)}")
+        if problems:
+            raise VerifierBindingError(
+                f"{type(verifier).__name__} ({getattr(verifier, 'name_or_path', '') or 'unnamed'}) is not the verifier this "
+                f"draft was made for ({expected.get('name_or_path')}):\n" + "\n".join(problems) + "\n"
+                "Bind the draft to the verifier named in draft.config.verifier, or train/convert a draft for this one."
+            )
+
+    def bind_verifier(self, verifier: PreTrainedModel, tokenizer: Any = None) -> SpeculatorModel:
+        """Attach the draft to `verifier`: check the fingerprint, install the hidden-state hooks and the
+        generation settings. Returns the draft, so `draft = X.from_pretrained(...).bind_verifier(v)` works."""
+        self.check_verifier(verifier, tokenizer)
+        self.on_bind(verifier)
+        self.unbind_verifier()
+        tap = VerifierTap(verifier, self.verifier_layer_ids())
+        original_generate = verifier.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("assistant_model") is not self:
+                return original_generate(*args, **kwargs)
+            # transformers reads the draft length from the draft's generation config; a per-call
+            # `num_assistant_tokens` overrides `speculative_tokens` for this call only.
+            self.generation_config.num_assistant_tokens = kwargs.get("num_assistant_tokens") or self.config.speculative_tokens
+            try:
+                output = original_generate(*args, **kwargs)
+                if self._session is not None:  # the final length gives exact stats
+                    self._session.finish(output if isinstance(output, torch.Tensor) else output.sequences)
+                return output
+            finally:
+                tap.disarm()  # stop capturing once the generation is over
+                self.generation_config.num_assistant_tokens = self.config.speculative_tokens
+
+        verifier.generate = generate  # type: ignore[method-assign]
+        self._binding = {"verifier": verifier, "tap": tap}
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig()
+        self.generation_config.num_assistant_tokens = self.config.speculative_tokens
+        self.generation_config.num_assistant_tokens_schedule = "constant"  # "heuristic" would rewrite it
+        self.generation_config.assistant_confidence_threshold = None
+        return self
+
+    def unbind_verifier(self) -> None:
+        """Remove the hooks from the verifier (the draft can be bound again later)."""
+        if self._binding is not None:
+            self._binding["tap"].remove()
+            self._binding["verifier"].__dict__.pop("generate", None)
+            self._binding = None
+
+    @property
+    def verifier(self) -> PreTrainedModel | None:
+        return None if self._binding is None else self._binding["verifier"]
+
+    @property
+    def generation_stats(self) -> GenerationStats:
+        """Counts of the last generate() call that used this draft (tau, drafted, accepted, ...)."""
+        return self._last_stats
+
+    # ---------------------------------------------------------------------------------------------
+    # transformers' assisted-generation contract
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: Any = None,
+        max_new_tokens: int | None = None,
+        cache: DraftSession | None = None,
+        past_key_values: DraftSession | None = None,
+        **kwargs: Any,
+    ) -> GenerateDecoderOnlyOutput:
+        """Called by transformers' assisted decoding once per round; not a text generator on its own."""
+        if generation_config is None or not getattr(generation_config, "is_assistant", False):
+            raise TypeError(
+                f"{type(self).__name__} is a draft model: it proposes tokens for its verifier and does not "
+                "generate text on its own. Use verifier.generate(**inputs, assistant_model=draft) or "
+                "speculators_hf.generate(verifier, draft, ...)."
+            )
+        if self._binding is None:
+            raise VerifierBindingError(
+                f"this {type(self).__name__} is not bound to a verifier. Call draft.bind_verifier(verifier) before "
+                "verifier.generate(..., assistant_model=draft), or load both with "
+                "speculators_hf.AutoSpeculatorForCausalLM.from_pretrained(draft_id)."
+            )
+        if input_ids is None or input_ids.shape[0] != 1:
+            raise ValueError("transformers' assisted generation drafts for one sequence at a time (batch size 1)")
+        session = cache if cache is not None else past_key_values
+        if session is None:
+            session = DraftSession(self, self._binding["tap"])
+            self._session = session
+            self._last_stats = session.stats
+        # transformers passes min(num_assistant_tokens, room left) as max_new_tokens
+        k = max(int(max_new_tokens or self.config.speculative_tokens), 1)
+        pick = TokenPicker(logits_processor, bool(generation_config.do_sample))
+        tokens, scores = session.step(input_ids, k, pick)
+        sequences = torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores), cache=session)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # RMSNorm / LayerNorm scales
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Save weights (safetensors), config, remote code and `auto_map`; atomic: an interrupted save
+        leaves an existing checkpoint at `save_directory` untouched."""
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["safe_serialization"] = True
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            if target.is_dir():  # keep files that are not ours (e.g. a tokenizer saved beside the draft)
+                shutil.copytree(target, tmp, dirs_exist_ok=True)
+            self.config.auto_map = write_remote_code(type(self), tmp)
+            super().save_pretrained(tmp, *args, **kwargs)
+            backup = tmp.with_name(tmp.name + ".old")
+            if target.is_dir():
+                target.rename(backup)
+            tmp.rename(target)
+            shutil.rmtree(backup, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Load a draft; a tensor missing from the checkpoint or of the wrong shape is an error."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "size mismatch" in str(err) or "shape" in str(err):
+                raise SpeculatorLoadError(f"{pretrained_model_name_or_path}: tensor shapes do not match the config:\n{err}") from err
+            raise
+        missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
+        mismatched = info.get("mismatched_keys", [])
+        if missing or mismatched:
+            expected = model.state_dict()
+            lines = [f"  missing {k}: expected shape {tuple(expected[k].shape)}" for k in missing if k in expected]
+            lines += [f"  {m}" for m in mismatched]
+            raise SpeculatorLoadError(
+                f"{pretrained_model_name_or_path} does not hold the weights its config describes:\n" + "\n".join(lines) + "\n"
+                "The checkpoint is incomplete or was written for another config; re-download it or convert it with "
+                "`speculators-hf convert`."
+            )
+        return (model, info) if want_info else model

@@ -1,0 +1,282 @@
+"""EAGLE-3 draft (Li et al., 2025), field for field in the `speculators`/vLLM format.
+
+One decoder layer whose attention reads [input_layernorm(embed(token)), hidden_norm(h)] (width 2H).
+In the first step h = fc(concat of verifier hidden_states[i] for the aux layer ids, ascending); in
+later steps h is the draft's own output (pre-norm, or post-norm with `norm_output`). Logits are
+lm_head(norm(h)) over a reduced draft vocabulary; draft id d means verifier id d + d2t[d].
+
+Saved tensors are exactly vLLM's EAGLE-3 layout: `embed_tokens.weight`, `fc.weight`,
+`layers.0.*` (with `layers.0.hidden_norm.weight`), `norm.weight`, `lm_head.weight`, and `d2t`/`t2d`
+only when the draft vocabulary is smaller than the verifier's (vLLM fails on `d2t` otherwise, and
+proposes wrong tokens silently without it when smaller). The verifier's norm and lm_head are never
+stored; `norm_before_residual` and the other norm flags are always written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
+from ..generation.capture import VerifierBindingError
+from ..generation.sampling import TokenPicker, expand_draft_vocab
+from .base import SpeculatorModel
+from .layers import PARTS, attend, attention, mlp, rms_norm, rotary
+
+LAYER_CONFIG_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "vocab_size",
+)
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's verifier layers: [2, L//2, L-3] (research default), made distinct for small L."""
+    ids = [2, num_layers // 2, num_layers - 3]
+    if len(set(ids)) == 3 and min(ids) >= 0:
+        return ids
+    if num_layers < 3:
+        raise SpeculatorConfigError(f"EAGLE-3 needs a verifier with at least 3 layers (got {num_layers})")
+    return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
+
+
+def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
+    """A one-layer decoder config with the verifier's widths, heads, norm eps and RoPE."""
+    model_type = verifier_text_config.model_type if verifier_text_config.model_type in PARTS else "llama"
+    fields = {k: getattr(verifier_text_config, k) for k in LAYER_CONFIG_FIELDS if getattr(verifier_text_config, k, None) is not None}
+    return build_layer_config({"model_type": model_type, **fields, "num_hidden_layers": 1, **overrides})
+
+
+class Eagle3Fields(BaseModel):
+    """pydantic schema of the EAGLE-3 flat config fields (as `speculators` 0.9 and vLLM read them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transformer_layer_config: dict[str, Any]
+    draft_vocab_size: PositiveInt
+    target_hidden_size: PositiveInt | None = None
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    norm_before_residual: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    embed_requires_grad: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Eagle3Fields:
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if ids is not None:
+            if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError(f"eagle_aux_hidden_state_layer_ids must be distinct non-negative ids, got {ids} (duplicates crash vLLM)")
+        if self.norm_before_fc and self.fc_norm:
+            raise ValueError("norm_before_fc and fc_norm are mutually exclusive")
+        vocab = self.transformer_layer_config.get("vocab_size")
+        if vocab is not None and self.draft_vocab_size > vocab:
+            raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds transformer_layer_config.vocab_size ({vocab})")
+        if self.transformer_layer_config.get("num_hidden_layers", 1) != 1:
+            raise ValueError("transformer_layer_config.num_hidden_layers must be 1 (one EAGLE-3 decoder layer)")
+        return self
+
+
+@SpeculatorConfig.register_family
+class Eagle3SpeculatorConfig(SpeculatorConfig):
+    """Config of an EAGLE-3 draft; `speculators_model_type = "eagle3"`."""
+
+    family = "eagle3"
+    fields_schema = Eagle3Fields
+
+    transformer_layer_config: Any = None
+    draft_vocab_size: int = 32000
+    target_hidden_size: int | None = None
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    norm_before_residual: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    embed_requires_grad: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.transformer_layer_config = build_layer_config(self.transformer_layer_config)
+        super().__post_init__(**kwargs)
+        if not self.architectures:
+            self.architectures = ["Eagle3Speculator"]
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        """Verifier hidden states read (ascending; vLLM gathers them in layer order too)."""
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if ids is None:
+            layers = self.verifier.get("num_hidden_layers")
+            if layers is None:
+                raise SpeculatorConfigError("eagle_aux_hidden_state_layer_ids is unset and the verifier's num_hidden_layers is unknown")
+            ids = default_aux_layer_ids(layers)
+        return sorted(ids)
+
+    @property
+    def feature_size(self) -> int:
+        return self.target_hidden_size or self.transformer_layer_config.hidden_size
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The EAGLE-3 layer: attention over [input_layernorm(embeds), hidden_norm(h)], then the MLP."""
+
+    def __init__(self, layer_config: PretrainedConfig, norm_before_residual: bool):
+        super().__init__()
+        hidden = layer_config.hidden_size
+        self.norm_before_residual = norm_before_residual
+        self.input_layernorm = rms_norm(layer_config)
+        self.hidden_norm = rms_norm(layer_config)
+        self.self_attn = attention(layer_config, layer_idx=0, in_features=2 * hidden)
+        self.post_attention_layernorm = rms_norm(layer_config)
+        self.mlp = mlp(layer_config)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rope: nn.Module, cache: Any = None) -> torch.Tensor:
+        residual = hidden
+        hidden = self.hidden_norm(hidden)
+        if self.norm_before_residual:
+            residual = hidden
+        x = torch.cat([self.input_layernorm(embeds), hidden], dim=-1)
+        hidden = residual + attend(self.self_attn, x, positions, rope, cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Eagle3Speculator(SpeculatorModel):
+    """EAGLE-3 draft model. Create one with `Eagle3Speculator.from_verifier(verifier)` or load one."""
+
+    config_class = Eagle3SpeculatorConfig
+    optional_weights: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Eagle3SpeculatorConfig):
+        super().__init__(config)
+        layer_config = config.transformer_layer_config
+        layer_config._attn_implementation = config._attn_implementation or "sdpa"
+        hidden, feature = layer_config.hidden_size, config.feature_size
+        n_aux = len(config.eagle_aux_hidden_state_layer_ids or [0, 1, 2])
+        self.embed_tokens = nn.Embedding(layer_config.vocab_size, hidden)
+        self.embed_tokens.weight.requires_grad = config.embed_requires_grad
+        if config.norm_before_fc:
+            self.input_norm = rms_norm(layer_config, n_aux * feature)
+        if config.fc_norm:
+            self.fc_norm = nn.ModuleList(rms_norm(layer_config, feature) for _ in range(n_aux))
+        self.fc = nn.Linear(n_aux * feature, hidden, bias=False)
+        self.layers = nn.ModuleList([Eagle3DecoderLayer(layer_config, config.norm_before_residual)])
+        self.norm = rms_norm(layer_config)
+        self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
+        self.rotary_emb = rotary(layer_config)
+        if config.draft_vocab_size < layer_config.vocab_size:
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(layer_config.vocab_size, dtype=torch.bool))
+        else:
+            self.d2t = None
+        self.post_init()
+
+    # -- maths -------------------------------------------------------------------------------------
+    def project(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """fc over the verifier's aux hidden states (one [B, T, Ht] tensor per layer id, ascending)."""
+        if self.config.fc_norm:
+            features = [norm(f) for norm, f in zip(self.fc_norm, features)]
+        x = torch.cat(features, dim=-1).to(self.fc.weight.dtype)
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        return self.fc(x)
+
+    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft pass: tokens [B, T] (token t+1 beside the hidden state of position t) ->
+        (next hidden [B, T, H] to feed back, logits [B, T, Vd])."""
+        out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache)
+        normed = self.norm(out)
+        return (normed if self.config.norm_output else out), self.lm_head(normed)
+
+    def forward(self, input_ids: torch.LongTensor, verifier_hidden_states: list[torch.Tensor] | torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Logits over the draft vocabulary [B, T, Vd] for training and tests: `input_ids[:, t]` is the token
+        after position t, `verifier_hidden_states` the aux states at positions 0..T-1 (list, or concatenated)."""
+        if isinstance(verifier_hidden_states, torch.Tensor):
+            verifier_hidden_states = list(verifier_hidden_states.chunk(self.fc.in_features // self.config.feature_size, dim=-1))
+        positions = position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.step(input_ids, self.project(verifier_hidden_states), positions)[1]
+
+    # -- the family contract -----------------------------------------------------------------------
+    def verifier_layer_ids(self) -> list[int]:
+        return self.config.aux_layer_ids
+
+    def new_draft_state(self) -> DynamicCache:
+        return DynamicCache()
+
+    def propose(self, state: DynamicCache, input_ids: torch.LongTensor, features: list[torch.Tensor], start: int, num_tokens: int, pick: TokenPicker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stale = state.get_seq_length() - start
+        if stale > 0:
+            state.crop(-stale)
+        n = input_ids.shape[1]
+        hidden = self.project(features)
+        tokens_in = input_ids[:, start + 1 : n]
+        positions = torch.arange(start, n - 1, device=input_ids.device)
+        sequence, scores = input_ids, []
+        for _ in range(num_tokens):
+            hidden, logits = self.step(tokens_in, hidden, positions, state)
+            full = expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
+            token, score = pick(sequence, full)
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            scores.append(score)
+            hidden, tokens_in, positions = hidden[:, -1:], token[:, None], positions[-1:] + 1
+        return sequence[:, n:], scores
+
+    # -- creation from a verifier --------------------------------------------------------------------
+    @classmethod
+    def config_from_verifier(
+        cls,
+        verifier_config: PretrainedConfig,
+        draft_vocab_size: int | None = None,
+        aux_layer_ids: list[int] | None = None,
+        speculative_tokens: int = 5,
+        **fields: Any,
+    ) -> Eagle3SpeculatorConfig:
+        text = verifier_config.get_text_config()
+        config = Eagle3SpeculatorConfig(
+            transformer_layer_config=draft_layer_config(text),
+            draft_vocab_size=draft_vocab_size or text.vocab_size,
+            target_hidden_size=text.hidden_size,
+            eagle_aux_hidden_state_layer_ids=aux_layer_ids or default_aux_layer_ids(text.num_hidden_layers),
+            **fields,
+        )
+        config.speculative_tokens = speculative_tokens
+        return config
+
+    def init_from_verifier(self, verifier: Any) -> None:
+        """Copy the verifier's embeddings; start the draft vocabulary at its first `draft_vocab_size` ids
+        (training replaces this with the most frequent tokens) and its lm_head at those verifier rows."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(verifier.get_input_embeddings().weight)
+            head = verifier.get_output_embeddings()
+            vd = self.config.draft_vocab_size
+            if self.d2t is not None:
+                self.set_draft_vocab(torch.arange(vd))
+            if head is not None and head.weight.shape[1] == self.lm_head.weight.shape[1]:
+                ids = torch.arange(vd) if self.d2t is None else torch.arange(vd) + self.d2t.cpu()
+                self.lm_head.weight.copy_(head.weight[ids.to(head.weight.device)])
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Use verifier ids `target_ids` (sorted, length draft_vocab_size) as the draft vocabulary."""
+        target_ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
+        if self.d2t is None or target_ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(f"need exactly draft_vocab_size={self.config.draft_vocab_size} ids (< verifier vocab)")
+        self.d2t.copy_(target_ids - torch.arange(target_ids.numel()))
+        self.t2d.zero_()
+        self.t2d[target_ids] = True
+
+    def on_bind(self, verifier: Any) -> None:
+        hidden = verifier.config.get_text_config().hidden_size
+        if hidden != self.config.feature_size:
+            raise VerifierBindingError(f"target_hidden_size: draft expects verifier hidden size {self.config.feature_size}, verifier has {hidden}")

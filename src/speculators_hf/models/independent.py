@@ -1,0 +1,98 @@
+"""An independent draft: any small causal LM sharing the verifier's tokenizer, used as a draft.
+
+transformers can already use a small LM as `assistant_model`; wrapping it here adds what every other
+draft family has: the verifier reference and fingerprint checked at bind time, generation stats, a
+model card and remote code. It reads tokens only, so it drafts from the first round (no placeholder),
+and it keeps its own KV cache across rounds, dropping only what it drafted beyond the verified prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+
+from ..config import SpeculatorConfig, build_layer_config
+from ..generation.sampling import TokenPicker, expand_draft_vocab
+from .base import SpeculatorModel
+
+
+class IndependentFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    draft_model_config: dict[str, Any]
+
+
+@SpeculatorConfig.register_family
+class IndependentSpeculatorConfig(SpeculatorConfig):
+    """Config of an independent draft LM; `draft_model_config` is the LM's own transformers config."""
+
+    family = "independent"
+    fields_schema = IndependentFields
+
+    draft_model_config: Any = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.draft_model_config = build_layer_config(self.draft_model_config)
+        super().__post_init__(**kwargs)
+        if not self.architectures:
+            self.architectures = ["IndependentSpeculator"]
+
+
+class IndependentSpeculator(SpeculatorModel):
+    """A small causal LM (any transformers architecture) as a draft, under `model.*`."""
+
+    config_class = IndependentSpeculatorConfig
+
+    def __init__(self, config: IndependentSpeculatorConfig):
+        super().__init__(config)
+        config.draft_model_config._attn_implementation = config._attn_implementation or "sdpa"
+        self.model = AutoModelForCausalLM.from_config(config.draft_model_config)
+        self.post_init()
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, verifier: PreTrainedModel, tokenizer: Any = None, speculative_tokens: int = 5) -> IndependentSpeculator:
+        """Wrap an existing small LM `model` as a draft of `verifier` (weights are shared, not copied)."""
+        config = cls.config_for(verifier, tokenizer, draft_model_config=model.config, speculative_tokens=speculative_tokens)
+        with torch.device("meta"):
+            draft = cls(config)
+        draft.model = model
+        return draft.bind_verifier(verifier, tokenizer=tokenizer)
+
+    @classmethod
+    def config_from_verifier(
+        cls, verifier_config: PretrainedConfig, draft_model_config: PretrainedConfig | dict[str, Any] | None = None, speculative_tokens: int = 5
+    ) -> IndependentSpeculatorConfig:
+        if draft_model_config is None:  # a 2-layer LM of the verifier's family and widths
+            text = verifier_config.get_text_config().to_dict()
+            draft_model_config = {**text, "num_hidden_layers": 2}
+            for key in ("architectures", "auto_map", "_name_or_path", "layer_types", "max_window_layers"):
+                draft_model_config.pop(key, None)
+        config = IndependentSpeculatorConfig(draft_model_config=draft_model_config)
+        config.speculative_tokens = speculative_tokens
+        return config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def verifier_layer_ids(self) -> list[int]:
+        return []
+
+    def new_draft_state(self) -> DynamicCache:
+        return DynamicCache()
+
+    def propose(self, state: DynamicCache, input_ids: torch.LongTensor, features: list[torch.Tensor], start: int, num_tokens: int, pick: TokenPicker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stale = state.get_seq_length() - start
+        if stale > 0:
+            state.crop(-stale)
+        n, vocab = input_ids.shape[1], self.config.vocab_size
+        sequence, scores, fresh = input_ids, [], input_ids[:, start:]
+        for _ in range(num_tokens):
+            logits = self.model(input_ids=fresh, cache=state, use_cache=True).logits[:, -1]
+            token, score = pick(sequence, expand_draft_vocab(logits, None, vocab))
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            scores.append(score)
+            fresh = token[:, None]
+        return sequence[:, n:], scores
