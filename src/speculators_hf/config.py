@@ -88,7 +88,9 @@ class SpeculatorsBlock(BaseModel):
     def _default_method_exists(self) -> SpeculatorsBlock:
         types = [m.proposal_type for m in self.proposal_methods]
         if self.default_proposal_method not in types:
-            raise ValueError(f"default_proposal_method {self.default_proposal_method!r} is not one of the proposal_methods {types}")
+            raise ValueError(
+                f"default_proposal_method {self.default_proposal_method!r} is not one of the proposal_methods {types}"
+            )
         return self
 
 
@@ -103,7 +105,10 @@ def verifier_fingerprint(verifier_config: PretrainedConfig) -> dict[str, Any]:
 
 def tokenizer_hash(tokenizer: Any) -> str:
     """A stable hash of a tokenizer's vocabulary and special tokens (order-independent)."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": sorted(map(str, tokenizer.all_special_tokens))}
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(map(str, tokenizer.all_special_tokens)),
+    }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -195,10 +200,18 @@ class SpeculatorConfig(PretrainedConfig):
         self.validate_speculator()
 
     # The verifier's token space, as transformers' assisted generation and `pipeline` compare it.
-    vocab_size = property(lambda self: self.verifier.get("vocab_size"), lambda self, v: self.verifier.update(vocab_size=v))
-    bos_token_id = property(lambda self: self.verifier.get("bos_token_id"), lambda self, v: self.verifier.update(bos_token_id=v))
-    eos_token_id = property(lambda self: self.verifier.get("eos_token_id"), lambda self, v: self.verifier.update(eos_token_id=v))
-    pad_token_id = property(lambda self: self.verifier.get("pad_token_id"), lambda self, v: self.verifier.update(pad_token_id=v))
+    vocab_size = property(
+        lambda self: self.verifier.get("vocab_size"), lambda self, v: self.verifier.update(vocab_size=v)
+    )
+    bos_token_id = property(
+        lambda self: self.verifier.get("bos_token_id"), lambda self, v: self.verifier.update(bos_token_id=v)
+    )
+    eos_token_id = property(
+        lambda self: self.verifier.get("eos_token_id"), lambda self, v: self.verifier.update(eos_token_id=v)
+    )
+    pad_token_id = property(
+        lambda self: self.verifier.get("pad_token_id"), lambda self, v: self.verifier.update(pad_token_id=v)
+    )
 
     # -- (de)serialisation -------------------------------------------------------------------------
     @classmethod
@@ -250,13 +263,22 @@ class SpeculatorConfig(PretrainedConfig):
 def default_speculators_config(algorithm: str, speculative_tokens: int = 5) -> dict[str, Any]:
     return {
         "algorithm": algorithm,
-        "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens, "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+        "proposal_methods": [
+            {
+                "proposal_type": "greedy",
+                "speculative_tokens": speculative_tokens,
+                "verifier_accept_k": 1,
+                "accept_tolerance": 0.0,
+            }
+        ],
         "default_proposal_method": "greedy",
         "verifier": {"name_or_path": None, "architectures": []},
     }
 
 
-def build_layer_config(value: PretrainedConfig | dict[str, Any] | None, default_type: str = "llama") -> PretrainedConfig:
+def build_layer_config(
+    value: PretrainedConfig | dict[str, Any] | None, default_type: str = "llama"
+) -> PretrainedConfig:
     """A nested decoder-layer config (`transformer_layer_config`) from a dict or config."""
     if isinstance(value, PretrainedConfig):
         return value

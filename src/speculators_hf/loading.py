@@ -18,9 +18,11 @@ def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorMode
 
     `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...).
     """
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+    hub_kwargs = {
+        k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
+    }
     config = SpeculatorConfig.from_pretrained(name_or_path, **hub_kwargs)
-    model_class = _MODEL_FOR_CONFIG[type(config)]
+    model_class: Any = _MODEL_FOR_CONFIG[type(config)]
     return model_class.from_pretrained(name_or_path, config=config, **kwargs)
 
 
@@ -44,8 +46,9 @@ class AutoSpeculatorForCausalLM:
         **kwargs: Any,
     ) -> SpeculatorModel:
         """`verifier`: a loaded model, or an id/path overriding the draft's reference. `kwargs` (dtype,
-        device_map, revision, ...) go to the draft; `verifier_kwargs` (default: dtype/device_map of
-        `kwargs`) to the verifier's `AutoModelForCausalLM.from_pretrained`."""
+        device_map, revision, cache_dir, ...) go to the draft; `verifier_kwargs` (default: the dtype,
+        device_map, cache_dir, token and local_files_only of `kwargs`) to the verifier's
+        `AutoModelForCausalLM.from_pretrained`."""
         draft = load_draft(draft_name_or_path, **kwargs)
         if not isinstance(verifier, PreTrainedModel):
             reference = draft.config.verifier
@@ -55,9 +58,12 @@ class AutoSpeculatorForCausalLM:
                     f"{draft_name_or_path} does not name its verifier (speculators_config.verifier.name_or_path is empty); "
                     "pass verifier=<model id, path or loaded model>"
                 )
-            vkw = dict(verifier_kwargs) if verifier_kwargs is not None else {k: kwargs[k] for k in ("dtype", "device_map") if k in kwargs}
+            shared = ("dtype", "device_map", "cache_dir", "token", "local_files_only")
+            vkw = (
+                dict(verifier_kwargs) if verifier_kwargs is not None else {k: kwargs[k] for k in shared if k in kwargs}
+            )
             if verifier is None and reference.get("revision"):
                 vkw.setdefault("revision", reference["revision"])
             verifier = AutoModelForCausalLM.from_pretrained(name, **vkw)
-        draft.to(verifier.device)
+        draft.to(verifier.device)  # type: ignore[arg-type]
         return draft.bind_verifier(verifier, tokenizer=tokenizer)

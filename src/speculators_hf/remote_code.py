@@ -17,6 +17,7 @@ import ast
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 PREFIX = "speculators_"
 PACKAGE = "speculators_hf"
@@ -44,7 +45,9 @@ def _rewrite(module: str, root: str) -> tuple[str, list[str]]:
             continue
         target = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
         if node.module is None or target == root:
-            raise ValueError(f"{path}:{node.lineno}: remote-code modules must import names from a module (`from .x import Y`)")
+            raise ValueError(
+                f"{path}:{node.lineno}: remote-code modules must import names from a module (`from .x import Y`)"
+            )
         deps.append(target)
         names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
         indent = lines[node.lineno - 1][: node.col_offset]
@@ -54,7 +57,7 @@ def _rewrite(module: str, root: str) -> tuple[str, list[str]]:
     return (body if body.startswith("# Remote code of") else header + body), deps
 
 
-def write_remote_code(model_class: type, directory: str | Path) -> dict[str, str]:
+def write_remote_code(model_class: Any, directory: str | Path) -> dict[str, str]:
     """Write the remote-code files of `model_class` (and its config class) into `directory`;
     return the `auto_map` for config.json."""
     directory = Path(directory)

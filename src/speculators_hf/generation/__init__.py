@@ -6,4 +6,11 @@ from .sampling import TokenPicker, expand_draft_vocab
 from .session import DraftSession
 from .stats import GenerationStats
 
-__all__ = ["DraftSession", "GenerationStats", "TokenPicker", "VerifierBindingError", "VerifierTap", "expand_draft_vocab"]
+__all__ = [
+    "DraftSession",
+    "GenerationStats",
+    "TokenPicker",
+    "VerifierBindingError",
+    "VerifierTap",
+    "expand_draft_vocab",
+]

@@ -51,7 +51,8 @@ class VerifierTap:
 
     def __init__(self, verifier: nn.Module, layer_ids: list[int]):
         self.decoder = decoder_of(verifier)
-        num_layers = len(self.decoder.layers)
+        layers: nn.ModuleList = self.decoder.layers  # type: ignore[assignment]
+        num_layers = len(layers)
         bad = [i for i in layer_ids if not 0 <= i <= num_layers]
         if bad:
             raise VerifierBindingError(
@@ -67,7 +68,7 @@ class VerifierTap:
         self._handles = [self.decoder.register_forward_pre_hook(self._on_decoder_start, with_kwargs=True)]
         for i in self.layer_ids:
             if i < num_layers:
-                self._handles.append(self.decoder.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+                self._handles.append(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         if num_layers in self.layer_ids:
             self._handles.append(self.decoder.register_forward_hook(self._on_decoder_end))
 

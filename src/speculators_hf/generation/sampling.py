@@ -40,17 +40,22 @@ class TokenPicker:
     the q that the verifier's acceptance test uses.
     """
 
-    def __init__(self, logits_processor: Iterable[LogitsProcessor] | None, do_sample: bool, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        logits_processor: Iterable[LogitsProcessor] | None,
+        do_sample: bool,
+        generator: torch.Generator | None = None,
+    ):
         # transformers hands the assistant a plain list of processors (a LogitsProcessorList is one too)
         self.processors = list(logits_processor or [])
         self.do_sample = do_sample
         self.generator = generator
 
-    def __call__(self, input_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
         scores = logits.float()
         for processor in self.processors:
-            scores = processor(input_ids, scores)
+            scores = processor(input_ids, scores)  # type: ignore[arg-type]
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
             token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)

@@ -35,7 +35,8 @@ class DraftSession:
         self.prompt_length: int | None = None
         self.tokens: torch.Tensor | None = None  # the sequence we last returned, to check continuity
         self.stats = GenerationStats()
-        tap.arm()
+        if not tap.armed:  # armed already when called through the bound verifier's generate()
+            tap.arm()
 
     # -- the part of transformers' Cache protocol that the assisted loop uses ------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -45,12 +46,16 @@ class DraftSession:
         """Ignored: the session drops rejected draft positions itself at the next round."""
 
     # -- one round ---------------------------------------------------------------------------------
-    def step(self, input_ids: torch.LongTensor, num_tokens: int, pick: TokenPicker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def step(
+        self, input_ids: torch.LongTensor, num_tokens: int, pick: TokenPicker
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Draft `num_tokens` tokens after `input_ids` ([1, n]); returns (tokens [1, k], k scores [1, V])."""
         n = input_ids.shape[1]
         if self.prompt_length is None:
             self.prompt_length = n
-        elif self.tokens is not None and not torch.equal(input_ids[:, : self.verified], self.tokens[:, : self.verified]):
+        elif self.tokens is not None and not torch.equal(
+            input_ids[:, : self.verified], self.tokens[:, : self.verified]
+        ):
             raise RuntimeError(
                 "the draft session was handed a sequence that does not continue the previous round; "
                 "start a new generate() call instead of reusing the draft's cache"
@@ -67,13 +72,7 @@ class DraftSession:
             tokens, scores = token[:, None], [point_mass(token, self.draft.config.vocab_size)]
         else:
             tokens, scores = self.draft.propose(self.state, input_ids, features, self.verified, num_tokens, pick)
-            self.stats.drafted_tokens += tokens.shape[1]
             self.verified = n - 1
+        self.stats.drafted_tokens += tokens.shape[1]
         self.tokens = torch.cat([input_ids, tokens], dim=1)
         return tokens, scores
-
-    def finish(self, sequences: torch.Tensor) -> None:
-        """Record the final counts once the verifier's generate() has returned `sequences`."""
-        if self.prompt_length is not None:
-            self.stats.emitted_tokens = sequences.shape[-1] - self.prompt_length
-        self.stats.verifier_forwards = self.tap.forwards

@@ -34,7 +34,12 @@ class GenerationStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "accepted_tokens": self.accepted_tokens, "tau": self.tau, "acceptance_rate": self.acceptance_rate}
+        return {
+            **asdict(self),
+            "accepted_tokens": self.accepted_tokens,
+            "tau": self.tau,
+            "acceptance_rate": self.acceptance_rate,
+        }
 
     def __add__(self, other: GenerationStats) -> GenerationStats:
         return GenerationStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -34,6 +33,7 @@ from ..generation.sampling import TokenPicker
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
 from ..remote_code import write_remote_code
+
 
 class SpeculatorLoadError(ValueError):
     """A checkpoint's weights do not match its config (missing, unexpected or misshapen tensors)."""
@@ -52,7 +52,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _no_split_modules: ClassVar[list[str]] = []
     # Tensors a checkpoint may lack (e.g. an embedding taken from the verifier when absent).
     optional_weights: ClassVar[tuple[str, ...]] = ()
 
@@ -60,7 +59,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         # Plain attributes (not submodules): the verifier is never part of the draft's state dict.
         self._binding: dict[str, Any] | None = None
-        self._session: DraftSession | None = None
         self._last_stats = GenerationStats()
 
     # ---------------------------------------------------------------------------------------------
@@ -111,7 +109,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     def from_verifier(cls, verifier: PreTrainedModel, tokenizer: Any = None, **overrides: Any) -> SpeculatorModel:
         """A new, untrained draft sized for `verifier`, recording its reference, already bound."""
         draft = cls(cls.config_for(verifier, tokenizer, **overrides))
-        draft.to(device=verifier.device, dtype=verifier.dtype)
+        draft.to(device=verifier.device, dtype=verifier.dtype)  # type: ignore[call-arg]
         draft.init_from_verifier(verifier)
         return draft.bind_verifier(verifier, tokenizer=tokenizer)
 
@@ -138,8 +136,14 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             for name in FINGERPRINT_FIELDS
             if expected.get(name) is not None and actual[name] != expected[name]
         ]
-        if tokenizer is not None and expected.get("tokenizer_hash") and tokenizer_hash(tokenizer) != expected["tokenizer_hash"]:
-            problems.append(f"  tokenizer_hash: draft expects {expected['tokenizer_hash']}, tokenizer has {tokenizer_hash(tokenizer)}")
+        if (
+            tokenizer is not None
+            and expected.get("tokenizer_hash")
+            and tokenizer_hash(tokenizer) != expected["tokenizer_hash"]
+        ):
+            problems.append(
+                f"  tokenizer_hash: draft expects {expected['tokenizer_hash']}, tokenizer has {tokenizer_hash(tokenizer)}"
+            )
         if problems:
             raise VerifierBindingError(
                 f"{type(verifier).__name__} ({getattr(verifier, 'name_or_path', '') or 'unnamed'}) is not the verifier this "
@@ -147,7 +151,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
                 "Bind the draft to the verifier named in draft.config.verifier, or train/convert a draft for this one."
             )
 
-    def bind_verifier(self, verifier: PreTrainedModel, tokenizer: Any = None) -> SpeculatorModel:
+    def bind_verifier(self, verifier: Any, tokenizer: Any = None) -> SpeculatorModel:
         """Attach the draft to `verifier`: check the fingerprint, install the hidden-state hooks and the
         generation settings. Returns the draft, so `draft = X.from_pretrained(...).bind_verifier(v)` works."""
         self.check_verifier(verifier, tokenizer)
@@ -162,17 +166,24 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
                 return original_generate(*args, **kwargs)
             # transformers reads the draft length from the draft's generation config; a per-call
             # `num_assistant_tokens` overrides `speculative_tokens` for this call only.
-            self.generation_config.num_assistant_tokens = kwargs.get("num_assistant_tokens") or self.config.speculative_tokens
+            self.generation_config.num_assistant_tokens = (
+                kwargs.get("num_assistant_tokens") or self.config.speculative_tokens
+            )
+            self._last_stats = GenerationStats()
+            tap.arm()
             try:
                 output = original_generate(*args, **kwargs)
-                if self._session is not None:  # the final length gives exact stats
-                    self._session.finish(output if isinstance(output, torch.Tensor) else output.sequences)
+                prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+                sequences = output if isinstance(output, torch.Tensor) else output.sequences
+                self._last_stats.verifier_forwards = tap.forwards  # exact counts from the final length
+                if isinstance(prompt, torch.Tensor):
+                    self._last_stats.emitted_tokens = sequences.shape[-1] - prompt.shape[-1]
                 return output
             finally:
                 tap.disarm()  # stop capturing once the generation is over
                 self.generation_config.num_assistant_tokens = self.config.speculative_tokens
 
-        verifier.generate = generate  # type: ignore[method-assign]
+        verifier.generate = generate
         self._binding = {"verifier": verifier, "tap": tap}
         if self.generation_config is None:
             self.generation_config = GenerationConfig()
@@ -229,7 +240,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         session = cache if cache is not None else past_key_values
         if session is None:
             session = DraftSession(self, self._binding["tap"])
-            self._session = session
             self._last_stats = session.stats
         # transformers passes min(num_assistant_tokens, room left) as max_new_tokens
         k = max(int(max_new_tokens or self.config.speculative_tokens), 1)
@@ -241,17 +251,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------------------------------------
     # checkpoints
     # ---------------------------------------------------------------------------------------------
-    def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
-            nn.init.ones_(module.weight)  # RMSNorm / LayerNorm scales
-
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Save weights (safetensors), config, remote code and `auto_map`; atomic: an interrupted save
         leaves an existing checkpoint at `save_directory` untouched."""
@@ -278,20 +277,25 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Load a draft; a tensor missing from the checkpoint or of the wrong shape is an error."""
         want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        except RuntimeError as err:
-            if "size mismatch" in str(err) or "shape" in str(err):
-                raise SpeculatorLoadError(f"{pretrained_model_name_or_path}: tensor shapes do not match the config:\n{err}") from err
-            raise
+        kwargs.setdefault("use_safetensors", True)  # never unpickle a draft's weights
+        # Mismatched shapes are collected (not re-initialised silently: we raise below) so that the
+        # error can name every tensor with both shapes.
+        kwargs["ignore_mismatched_sizes"] = True
+        loaded: Any = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model, info = loaded
         missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
-        mismatched = info.get("mismatched_keys", [])
+        mismatched = sorted(info.get("mismatched_keys", []))
         if missing or mismatched:
             expected = model.state_dict()
             lines = [f"  missing {k}: expected shape {tuple(expected[k].shape)}" for k in missing if k in expected]
-            lines += [f"  {m}" for m in mismatched]
+            lines += [
+                f"  {key}: checkpoint has shape {tuple(got)}, config expects {tuple(want)}"
+                for key, got, want in mismatched
+            ]
             raise SpeculatorLoadError(
-                f"{pretrained_model_name_or_path} does not hold the weights its config describes:\n" + "\n".join(lines) + "\n"
+                f"{pretrained_model_name_or_path} does not hold the weights its config describes:\n"
+                + "\n".join(lines)
+                + "\n"
                 "The checkpoint is incomplete or was written for another config; re-download it or convert it with "
                 "`speculators-hf convert`."
             )

@@ -56,7 +56,11 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
 def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
     """A one-layer decoder config with the verifier's widths, heads, norm eps and RoPE."""
     model_type = verifier_text_config.model_type if verifier_text_config.model_type in PARTS else "llama"
-    fields = {k: getattr(verifier_text_config, k) for k in LAYER_CONFIG_FIELDS if getattr(verifier_text_config, k, None) is not None}
+    fields = {
+        k: getattr(verifier_text_config, k)
+        for k in LAYER_CONFIG_FIELDS
+        if getattr(verifier_text_config, k, None) is not None
+    }
     return build_layer_config({"model_type": model_type, **fields, "num_hidden_layers": 1, **overrides})
 
 
@@ -78,14 +82,17 @@ class Eagle3Fields(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Eagle3Fields:
         ids = self.eagle_aux_hidden_state_layer_ids
-        if ids is not None:
-            if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
-                raise ValueError(f"eagle_aux_hidden_state_layer_ids must be distinct non-negative ids, got {ids} (duplicates crash vLLM)")
+        if ids is not None and (not ids or len(set(ids)) != len(ids) or min(ids) < 0):
+            raise ValueError(
+                f"eagle_aux_hidden_state_layer_ids must be distinct non-negative ids, got {ids} (duplicates crash vLLM)"
+            )
         if self.norm_before_fc and self.fc_norm:
             raise ValueError("norm_before_fc and fc_norm are mutually exclusive")
         vocab = self.transformer_layer_config.get("vocab_size")
         if vocab is not None and self.draft_vocab_size > vocab:
-            raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds transformer_layer_config.vocab_size ({vocab})")
+            raise ValueError(
+                f"draft_vocab_size ({self.draft_vocab_size}) exceeds transformer_layer_config.vocab_size ({vocab})"
+            )
         if self.transformer_layer_config.get("num_hidden_layers", 1) != 1:
             raise ValueError("transformer_layer_config.num_hidden_layers must be 1 (one EAGLE-3 decoder layer)")
         return self
@@ -121,7 +128,9 @@ class Eagle3SpeculatorConfig(SpeculatorConfig):
         if ids is None:
             layers = self.verifier.get("num_hidden_layers")
             if layers is None:
-                raise SpeculatorConfigError("eagle_aux_hidden_state_layer_ids is unset and the verifier's num_hidden_layers is unknown")
+                raise SpeculatorConfigError(
+                    "eagle_aux_hidden_state_layer_ids is unset and the verifier's num_hidden_layers is unknown"
+                )
             ids = default_aux_layer_ids(layers)
         return sorted(ids)
 
@@ -143,7 +152,9 @@ class Eagle3DecoderLayer(nn.Module):
         self.post_attention_layernorm = rms_norm(layer_config)
         self.mlp = mlp(layer_config)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rope: nn.Module, cache: Any = None) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rope: nn.Module, cache: Any = None
+    ) -> torch.Tensor:
         residual = hidden
         hidden = self.hidden_norm(hidden)
         if self.norm_before_residual:
@@ -193,19 +204,31 @@ class Eagle3Speculator(SpeculatorModel):
             x = self.input_norm(x)
         return self.fc(x)
 
-    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft pass: tokens [B, T] (token t+1 beside the hidden state of position t) ->
         (next hidden [B, T, H] to feed back, logits [B, T, Vd])."""
         out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache)
         normed = self.norm(out)
         return (normed if self.config.norm_output else out), self.lm_head(normed)
 
-    def forward(self, input_ids: torch.LongTensor, verifier_hidden_states: list[torch.Tensor] | torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        verifier_hidden_states: list[torch.Tensor] | torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """Logits over the draft vocabulary [B, T, Vd] for training and tests: `input_ids[:, t]` is the token
         after position t, `verifier_hidden_states` the aux states at positions 0..T-1 (list, or concatenated)."""
         if isinstance(verifier_hidden_states, torch.Tensor):
-            verifier_hidden_states = list(verifier_hidden_states.chunk(self.fc.in_features // self.config.feature_size, dim=-1))
-        positions = position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+            verifier_hidden_states = list(
+                verifier_hidden_states.chunk(self.fc.in_features // self.config.feature_size, dim=-1)
+            )
+        positions = (
+            position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+        )
         return self.step(input_ids, self.project(verifier_hidden_states), positions)[1]
 
     # -- the family contract -----------------------------------------------------------------------
@@ -215,7 +238,15 @@ class Eagle3Speculator(SpeculatorModel):
     def new_draft_state(self) -> DynamicCache:
         return DynamicCache()
 
-    def propose(self, state: DynamicCache, input_ids: torch.LongTensor, features: list[torch.Tensor], start: int, num_tokens: int, pick: TokenPicker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def propose(
+        self,
+        state: DynamicCache,
+        input_ids: torch.LongTensor,
+        features: list[torch.Tensor],
+        start: int,
+        num_tokens: int,
+        pick: TokenPicker,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         stale = state.get_seq_length() - start
         if stale > 0:
             state.crop(-stale)
@@ -223,7 +254,8 @@ class Eagle3Speculator(SpeculatorModel):
         hidden = self.project(features)
         tokens_in = input_ids[:, start + 1 : n]
         positions = torch.arange(start, n - 1, device=input_ids.device)
-        sequence, scores = input_ids, []
+        sequence: torch.Tensor = input_ids
+        scores = []
         for _ in range(num_tokens):
             hidden, logits = self.step(tokens_in, hidden, positions, state)
             full = expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
@@ -279,4 +311,6 @@ class Eagle3Speculator(SpeculatorModel):
     def on_bind(self, verifier: Any) -> None:
         hidden = verifier.config.get_text_config().hidden_size
         if hidden != self.config.feature_size:
-            raise VerifierBindingError(f"target_hidden_size: draft expects verifier hidden size {self.config.feature_size}, verifier has {hidden}")
+            raise VerifierBindingError(
+                f"target_hidden_size: draft expects verifier hidden size {self.config.feature_size}, verifier has {hidden}"
+            )

@@ -53,24 +53,33 @@ class IndependentSpeculator(SpeculatorModel):
         self.post_init()
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel, verifier: PreTrainedModel, tokenizer: Any = None, speculative_tokens: int = 5) -> IndependentSpeculator:
+    def from_model(
+        cls, model: PreTrainedModel, verifier: PreTrainedModel, tokenizer: Any = None, speculative_tokens: int = 5
+    ) -> IndependentSpeculator:
         """Wrap an existing small LM `model` as a draft of `verifier` (weights are shared, not copied)."""
-        config = cls.config_for(verifier, tokenizer, draft_model_config=model.config, speculative_tokens=speculative_tokens)
+        config = cls.config_for(
+            verifier, tokenizer, draft_model_config=model.config, speculative_tokens=speculative_tokens
+        )
         with torch.device("meta"):
-            draft = cls(config)
+            draft = cls(config)  # type: ignore[arg-type]
         draft.model = model
-        return draft.bind_verifier(verifier, tokenizer=tokenizer)
+        draft.bind_verifier(verifier, tokenizer=tokenizer)
+        return draft
 
     @classmethod
     def config_from_verifier(
-        cls, verifier_config: PretrainedConfig, draft_model_config: PretrainedConfig | dict[str, Any] | None = None, speculative_tokens: int = 5
+        cls,
+        verifier_config: PretrainedConfig,
+        draft_model_config: PretrainedConfig | dict[str, Any] | None = None,
+        speculative_tokens: int = 5,
+        **fields: Any,
     ) -> IndependentSpeculatorConfig:
         if draft_model_config is None:  # a 2-layer LM of the verifier's family and widths
             text = verifier_config.get_text_config().to_dict()
             draft_model_config = {**text, "num_hidden_layers": 2}
             for key in ("architectures", "auto_map", "_name_or_path", "layer_types", "max_window_layers"):
                 draft_model_config.pop(key, None)
-        config = IndependentSpeculatorConfig(draft_model_config=draft_model_config)
+        config = IndependentSpeculatorConfig(draft_model_config=draft_model_config, **fields)
         config.speculative_tokens = speculative_tokens
         return config
 
@@ -83,12 +92,21 @@ class IndependentSpeculator(SpeculatorModel):
     def new_draft_state(self) -> DynamicCache:
         return DynamicCache()
 
-    def propose(self, state: DynamicCache, input_ids: torch.LongTensor, features: list[torch.Tensor], start: int, num_tokens: int, pick: TokenPicker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def propose(
+        self,
+        state: DynamicCache,
+        input_ids: torch.LongTensor,
+        features: list[torch.Tensor],
+        start: int,
+        num_tokens: int,
+        pick: TokenPicker,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         stale = state.get_seq_length() - start
         if stale > 0:
             state.crop(-stale)
         n, vocab = input_ids.shape[1], self.config.vocab_size
-        sequence, scores, fresh = input_ids, [], input_ids[:, start:]
+        sequence: torch.Tensor = input_ids
+        scores, fresh = [], input_ids[:, start:]
         for _ in range(num_tokens):
             logits = self.model(input_ids=fresh, cache=state, use_cache=True).logits[:, -1]
             token, score = pick(sequence, expand_draft_vocab(logits, None, vocab))

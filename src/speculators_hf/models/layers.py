@@ -14,7 +14,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.models.mistral.modeling_mistral import MistralAttention, MistralMLP, MistralRMSNorm, MistralRotaryEmbedding
+from transformers.models.mistral.modeling_mistral import (
+    MistralAttention,
+    MistralMLP,
+    MistralRMSNorm,
+    MistralRotaryEmbedding,
+)
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
@@ -26,7 +31,9 @@ PARTS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[n
 }
 
 
-def parts_for(layer_config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]:
+def parts_for(
+    layer_config: PretrainedConfig,
+) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]:
     try:
         return PARTS[layer_config.model_type]
     except KeyError:

@@ -1,0 +1,261 @@
+"""Shared fixtures: tiny random verifiers and tokenizers built in the test, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+VERIFIER_CONFIGS = {
+    "llama": lambda **kw: LlamaConfig(**{**COMMON, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**COMMON, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**COMMON, "head_dim": 8, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**COMMON, "sliding_window": None, **kw}),
+}
+
+
+def make_verifier(family: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A tiny random decoder-only verifier (fp32, eval mode). Larger init std makes its next-token
+    distributions peaked, like a trained LM's, so greedy ties are practically impossible."""
+    torch.manual_seed(seed)
+    config = VERIFIER_CONFIGS[family](**overrides)
+    config.initializer_range = 0.2
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def make_prompts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 24, vocab: int = VOCAB) -> list[torch.Tensor]:
+    """`n` prompts of mixed length (ids 3.. so that no prompt holds bos/eos/pad)."""
+    rng = random.Random(seed)
+    return [torch.tensor([[rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))]]) for _ in range(n)]
+
+
+@pytest.fixture
+def verifier() -> PreTrainedModel:
+    return make_verifier("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A real fast tokenizer (word-level, trained here on a few sentences) of vocabulary <= VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "the",
+        "a",
+        "draft",
+        "model",
+        "verifier",
+        "token",
+        "fast",
+        "speculative",
+        "decoding",
+        "is",
+        "exact",
+        "and",
+        "same",
+        "output",
+        "text",
+        "runs",
+        "on",
+        "cpu",
+        "gpu",
+    ]
+    corpus = [" ".join(random.Random(i).choices(words, k=12)) for i in range(200)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    assert len(fast) <= VOCAB
+    return fast
+
+
+def run_without_package(code: str, cwd: Path) -> str:
+    """Run `code` in a fresh Python where `import speculators_hf` fails; return stdout."""
+    prelude = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class _Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "speculators_hf" or name.startswith("speculators_hf."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, _Hide())
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "hf_modules")}
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness checks shared by every draft family
+# ------------------------------------------------------------------------------------------------
+def assert_greedy_exact(verifier, draft, prompts, max_new_tokens: int = 24, **generate_kwargs):
+    """Greedy output with the draft equals the verifier alone, token for token, on every prompt.
+    Returns the summed generation stats."""
+    from speculators_hf import GenerationStats
+
+    total = GenerationStats()
+    for i, prompt in enumerate(prompts):
+        ref = verifier.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+        out = verifier.generate(
+            prompt, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=draft, **generate_kwargs
+        )
+        assert torch.equal(ref, out), (
+            f"prompt {i}: draft changed the output\n verifier: {ref.tolist()}\n with draft: {out.tolist()}"
+        )
+        assert draft.generation_stats.emitted_tokens == out.shape[1] - prompt.shape[1]
+        total = total + draft.generation_stats
+    return total
+
+
+def sampling_pit_values(verifier, sequences: list[torch.Tensor], prompt_len: int, temperature: float, seed: int = 0):
+    """Randomised probability-integral-transform values of every sampled token under the verifier's
+    exact conditional distribution (tokens ordered by probability). If the tokens were drawn from the
+    verifier's distribution, these are i.i.d. Uniform(0, 1) (chain rule), whatever the draft did."""
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    with torch.no_grad():
+        for seq in sequences:
+            logits = verifier(seq).logits[0, prompt_len - 1 : -1].float() / temperature
+            probs = torch.softmax(logits, dim=-1)
+            for t, token in enumerate(seq[0, prompt_len:].tolist()):
+                p = probs[t]
+                order = torch.argsort(p, descending=True, stable=True)
+                rank = (order == token).nonzero().item()
+                below = p[order[:rank]].sum().item()
+                values.append(below + torch.rand((), generator=gen).item() * p[token].item())
+    return values
+
+
+def ks_uniform_statistic(values: list[float]) -> float:
+    """Kolmogorov-Smirnov distance between the empirical distribution of `values` and Uniform(0, 1)."""
+    xs = sorted(values)
+    n = len(xs)
+    return max(max((i + 1) / n - x, x - i / n) for i, x in enumerate(xs))
+
+
+def ks_critical_value(n: int, alpha: float) -> float:
+    """Asymptotic KS critical value: P(D > c) ~= alpha under the null."""
+    import math
+
+    return math.sqrt(-math.log(alpha / 2) / (2 * n))
+
+
+def assert_sampling_exact(
+    verifier,
+    draft,
+    prompt,
+    n_samples: int = 150,
+    max_new_tokens: int = 8,
+    temperature: float = 1.0,
+    alpha: float = 1e-3,
+):
+    """Sampled outputs with the draft follow the verifier's distribution: KS test of PIT values against
+    Uniform(0, 1) at false-alarm rate `alpha`. Returns (statistic, critical value, summed stats)."""
+    from speculators_hf import GenerationStats
+
+    total, sequences = GenerationStats(), []
+    for i in range(n_samples):
+        torch.manual_seed(1000 + i)
+        out = verifier.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            assistant_model=draft,
+        )
+        sequences.append(out)
+        total = total + draft.generation_stats
+    values = sampling_pit_values(verifier, sequences, prompt.shape[1], temperature)
+    stat, crit = ks_uniform_statistic(values), ks_critical_value(len(values), alpha)
+    assert stat < crit, (
+        f"sampled tokens do not follow the verifier's distribution: KS {stat:.4f} >= {crit:.4f} (n={len(values)})"
+    )
+    return stat, crit, total
+
+
+def verifier_features(verifier, input_ids: torch.Tensor, layer_ids: list[int]) -> list[torch.Tensor]:
+    """The verifier hidden states a draft reads, computed directly (no hooks): `hidden_states[i]` for
+    i < num_layers (input of layer i) and the post-norm last hidden state for i == num_layers."""
+    with torch.no_grad():
+        out = verifier.model(input_ids, output_hidden_states=True)
+    num_layers = verifier.config.num_hidden_layers
+    return [out.last_hidden_state if i == num_layers else out.hidden_states[i] for i in sorted(layer_ids)]
+
+
+def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):
+    """What `draft` proposes after `input_ids` computed from scratch (new state, full-prefix features)."""
+    from speculators_hf.generation import TokenPicker
+
+    features = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
+    with torch.no_grad():
+        return draft.propose(
+            draft.new_draft_state(), input_ids, features, 0, num_tokens, TokenPicker(None, do_sample=False)
+        )
+
+
+def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path, revision: str = "0" * 40) -> None:
+    """Lay `folder` out as huggingface_hub's cache does for a downloaded repo (blobs, snapshots, refs),
+    so that `from_pretrained(repo_id, cache_dir=cache_dir)` works with HF_HUB_OFFLINE=1."""
+    import hashlib
+    import shutil
+
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = snapshot / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.rmtree(repo / ".no_exist", ignore_errors=True)
