@@ -30,8 +30,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# pytest exits 5 when it collects no test: say so, and fail.
 unit: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	@HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 test: lint typecheck unit
 

@@ -259,3 +259,13 @@ def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path, revision: 
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     shutil.rmtree(repo / ".no_exist", ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; they are skipped (and say why) on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
