@@ -46,11 +46,12 @@ def _hub_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     draft = AutoSpeculatorForCausalLM.from_pretrained(args.draft, verifier=args.verifier, dtype=dtype)
+    verifier: Any = draft.verifier
     if args.device:
-        draft.verifier.to(args.device)
+        verifier.to(args.device)
         draft.to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.verifier or draft.config.verifier["name_or_path"])
-    return draft.verifier.eval(), draft.eval(), tokenizer
+    return verifier.eval(), draft.eval(), tokenizer
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
