@@ -47,7 +47,7 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     """EAGLE-3's verifier layers: [2, L//2, L-3] (research default), made distinct for small L."""
     ids = [2, num_layers // 2, num_layers - 3]
     if len(set(ids)) == 3 and min(ids) >= 0:
-        return ids
+        return sorted(ids)
     if num_layers < 3:
         raise SpeculatorConfigError(f"EAGLE-3 needs a verifier with at least 3 layers (got {num_layers})")
     return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
