@@ -1,0 +1,33 @@
+"""The `speculators-hf` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_verifier
+
+import speculators_hf as sh
+from speculators_hf.cli import main
+
+
+def test_demo_builtin_pair_is_exact(capsys):
+    assert main(["demo", "--max-new-tokens", "12", "--repeats", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to the verifier alone: yes" in out
+    assert "tau=" in out and "speedup" in out
+
+
+def test_inspect(tmp_path, capsys):
+    sh.Eagle3Speculator.from_verifier(make_verifier(), draft_vocab_size=64).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "eagle3"
+    assert info["verifier"]["vocab_size"] == 96
+    assert info["tensors"]["lm_head.weight"] == [64, 32]
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "demo" in capsys.readouterr().out
