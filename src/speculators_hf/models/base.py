@@ -20,6 +20,7 @@ import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,6 +55,9 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     # Tensors a checkpoint may lack (e.g. an embedding taken from the verifier when absent).
     optional_weights: ClassVar[tuple[str, ...]] = ()
+    # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
+    # package is imported; a copy loaded as remote code has none and keeps the card already saved.
+    card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
 
     def __init__(self, config: SpeculatorConfig):
         super().__init__(config)
@@ -265,6 +269,8 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
                 shutil.copytree(target, tmp, dirs_exist_ok=True)
             self.config.auto_map = write_remote_code(type(self), tmp)
             super().save_pretrained(tmp, *args, **kwargs)
+            if SpeculatorModel.card_writer is not None:
+                SpeculatorModel.card_writer(self, tmp)
             backup = tmp.with_name(tmp.name + ".old")
             if target.is_dir():
                 target.rename(backup)
