@@ -218,12 +218,12 @@ def assert_sampling_exact(
 
 
 def verifier_features(verifier, input_ids: torch.Tensor, layer_ids: list[int]) -> list[torch.Tensor]:
-    """The verifier hidden states a draft reads, computed directly (no hooks): `hidden_states[i]` for
-    i < num_layers (input of layer i) and the post-norm last hidden state for i == num_layers."""
+    """The verifier hidden states a draft reads, computed with a plain forward (no hooks), so tests can
+    compare the draft's hook-fed behaviour against it."""
+    from speculators_hf.generation.capture import verifier_hidden_states
+
     with torch.no_grad():
-        out = verifier.model(input_ids, output_hidden_states=True)
-    num_layers = verifier.config.num_hidden_layers
-    return [out.last_hidden_state if i == num_layers else out.hidden_states[i] for i in sorted(layer_ids)]
+        return verifier_hidden_states(verifier, input_ids, layer_ids)
 
 
 def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):

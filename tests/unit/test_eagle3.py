@@ -132,3 +132,34 @@ def test_trust_remote_code_with_package_installed(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     assert sh.is_speculator(loaded)
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_unrolled_training_steps_match_generation():
+    """Step j of the training-time-test unroll at row t equals draft step j at generation time after
+    the prefix x_0..x_{t+1} when the draft is fed the true tokens: training and inference share the math."""
+    from conftest import verifier_features
+
+    verifier = make_verifier()
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 96, (1, 12))
+    features = verifier_features(verifier, ids, draft.verifier_layer_ids())
+    with torch.no_grad():
+        unrolled = draft.unrolled_logits(ids, features, steps=3)
+
+    class Replay:  # feeds the true next tokens, keeps the draft's raw scores
+        def __init__(self, tokens):
+            self.tokens = list(tokens)
+
+        def __call__(self, input_ids, logits):
+            return self.tokens.pop(0)[None], logits
+
+    for t in (0, 4, 7):
+        prefix = ids[:, : t + 2]  # positions 0..t verified, x_{t+1} is the newest token
+        with torch.no_grad():
+            _, scores = draft.propose(
+                draft.new_draft_state(), prefix, [f[:, : t + 1] for f in features], 0, 3, Replay(ids[0, t + 2 : t + 5])
+            )
+        for j in range(3):
+            expected = sh.generation.expand_draft_vocab(unrolled[j][:, t], draft.d2t, 96)
+            torch.testing.assert_close(scores[j], expected, rtol=1e-4, atol=1e-4)

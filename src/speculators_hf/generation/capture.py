@@ -38,6 +38,16 @@ def decoder_of(verifier: nn.Module) -> nn.Module:
     return decoder
 
 
+def verifier_hidden_states(verifier: nn.Module, input_ids: torch.Tensor, layer_ids: list[int]) -> list[torch.Tensor]:
+    """The hidden states `VerifierTap` captures, computed with one plain forward (for training data):
+    `hidden_states[i]` for i < num_layers and the post-norm last hidden state for i == num_layers,
+    one [B, T, H] tensor per id, ascending."""
+    decoder = decoder_of(verifier)
+    num_layers = len(decoder.layers)  # type: ignore[arg-type]
+    out = decoder(input_ids=input_ids, output_hidden_states=True)
+    return [out.last_hidden_state if i == num_layers else out.hidden_states[i] for i in sorted(set(layer_ids))]
+
+
 def _cache_length(kwargs: dict[str, Any]) -> int:
     for key in ("cache", "past_key_values"):
         cache = kwargs.get(key)

@@ -25,7 +25,7 @@ from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import TokenPicker, expand_draft_vocab
 from .base import SpeculatorModel
-from .layers import PARTS, attend, attention, mlp, rms_norm, rotary
+from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
 
 LAYER_CONFIG_FIELDS = (
     "hidden_size",
@@ -153,14 +153,20 @@ class Eagle3DecoderLayer(nn.Module):
         self.mlp = mlp(layer_config)
 
     def forward(
-        self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, rope: nn.Module, cache: Any = None
+        self,
+        embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rope: nn.Module,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden
         hidden = self.hidden_norm(hidden)
         if self.norm_before_residual:
             residual = hidden
         x = torch.cat([self.input_layernorm(embeds), hidden], dim=-1)
-        hidden = residual + attend(self.self_attn, x, positions, rope, cache)
+        hidden = residual + attend(self.self_attn, x, positions, rope, cache, mask)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -205,13 +211,37 @@ class Eagle3Speculator(SpeculatorModel):
         return self.fc(x)
 
     def step(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: Any = None
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft pass: tokens [B, T] (token t+1 beside the hidden state of position t) ->
         (next hidden [B, T, H] to feed back, logits [B, T, Vd])."""
-        out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache)
+        out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache, mask)
         normed = self.norm(out)
         return (normed if self.config.norm_output else out), self.lm_head(normed)
+
+    def unrolled_logits(self, input_ids: torch.Tensor, features: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """Training-time test (EAGLE-3): draft-vocab logits [B, T, Vd] of `steps` unrolled draft steps.
+
+        `input_ids` [B, T] is the sequence x_0..x_{T-1}, `features` the verifier aux states at 0..T-1.
+        Row t at step j stands for absolute position t + j, exactly as at generation time: its hidden
+        input is row t's output of step j-1 (fc of the verifier states at step 0), its token is
+        x_{t+j+1}, it predicts x_{t+j+2}, and it attends to the step-0 rows 0..t (real features) and to
+        its own row in steps 1..j (its own earlier guesses). Rows past the sequence end get token 0 and
+        must be masked out of the loss."""
+        length = input_ids.shape[1]
+        cache, hidden, logits = DynamicCache(), self.project(features), []
+        rows = torch.arange(length, device=input_ids.device)
+        for j in range(steps):
+            tokens = torch.nn.functional.pad(input_ids[:, j + 1 :], (0, j + 1))
+            mask = ttt_mask(length, j, hidden.dtype, input_ids.device)
+            hidden, step_logits = self.step(tokens, hidden, rows + j, cache, mask)
+            logits.append(step_logits)
+        return logits
 
     def forward(
         self,

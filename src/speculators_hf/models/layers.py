@@ -74,13 +74,31 @@ def causal_mask(query_positions: torch.Tensor, key_length: int, dtype: torch.dty
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def ttt_mask(length: int, step: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """Additive [1, 1, T, T*(step+1)] mask of unrolled training (training-time test): row t sees the
+    step-0 rows 0..t (causal) and its own row in each of the `step` later blocks (diagonal)."""
+    rows = torch.arange(length, device=device)
+    blocks = [rows[None, :] <= rows[:, None]] + [torch.eye(length, dtype=torch.bool, device=device)] * step
+    allowed = torch.cat(blocks, 1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        None, None
+    ]
+
+
 def attend(
-    attn: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, rope: nn.Module, cache: Any = None
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    rope: nn.Module,
+    cache: Any = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run `attn` on `hidden` [B, q, *] at absolute `positions` [q], appending to `cache` when given."""
+    """Run `attn` on `hidden` [B, q, *] at absolute `positions` [q], appending to `cache` when given.
+    `mask` (additive, [1, 1, q, kv]) defaults to causal over the cache: key index = absolute position."""
     position_ids = positions[None].expand(hidden.shape[0], -1)
     cos_sin = rope(hidden, position_ids)
-    past = cache.get_seq_length() if cache is not None else 0
-    mask = causal_mask(positions, past + hidden.shape[1], hidden.dtype)
+    if mask is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = causal_mask(positions, past + hidden.shape[1], hidden.dtype)
     out, _ = attn(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=mask, cache=cache)
     return out
