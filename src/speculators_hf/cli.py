@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a draft's family, verifier, fingerprint and tensors")
     inspect.add_argument("path", help="draft checkpoint (Hub id or path)")
     inspect.set_defaults(func=cmd_inspect)
+
+    from .training.cli import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)
     return parser
 
 

@@ -195,7 +195,10 @@ class Eagle3Speculator(SpeculatorModel):
         self.rotary_emb = rotary(layer_config)
         if config.draft_vocab_size < layer_config.vocab_size:
             self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-            self.register_buffer("t2d", torch.zeros(layer_config.vocab_size, dtype=torch.bool))
+            # until a vocabulary is selected (training: the most frequent targets), the first Vd ids
+            t2d = torch.zeros(layer_config.vocab_size, dtype=torch.bool)
+            t2d[: config.draft_vocab_size] = True
+            self.register_buffer("t2d", t2d)
         else:
             self.d2t = None
         self.post_init()
@@ -317,14 +320,12 @@ class Eagle3Speculator(SpeculatorModel):
         return config
 
     def init_from_verifier(self, verifier: Any) -> None:
-        """Copy the verifier's embeddings; start the draft vocabulary at its first `draft_vocab_size` ids
-        (training replaces this with the most frequent tokens) and its lm_head at those verifier rows."""
+        """Copy the verifier's embeddings, and its lm_head rows of the current draft vocabulary (call it
+        again after `set_draft_vocab`)."""
         with torch.no_grad():
             self.embed_tokens.weight.copy_(verifier.get_input_embeddings().weight)
             head = verifier.get_output_embeddings()
             vd = self.config.draft_vocab_size
-            if self.d2t is not None:
-                self.set_draft_vocab(torch.arange(vd))
             if head is not None and head.weight.shape[1] == self.lm_head.weight.shape[1]:
                 ids = torch.arange(vd) if self.d2t is None else torch.arange(vd) + self.d2t.cpu()
                 self.lm_head.weight.copy_(head.weight[ids.to(head.weight.device)])

@@ -1,0 +1,167 @@
+"""`speculators-hf data` and `speculators-hf train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import (
+    cache_features,
+    iterate_records,
+    load_blocks,
+    load_records,
+    pack_blocks,
+    regenerate_responses,
+    save_blocks,
+)
+
+
+def _load_verifier(name: str, dtype: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    verifier = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+    if torch.cuda.is_available():
+        verifier.to("cuda")
+    return verifier
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.verifier)
+    records = load_records(args.input, limit=args.limit)
+    verifier = None
+    if args.regenerate or args.cache_features:
+        verifier = _load_verifier(args.verifier, args.dtype)
+    if args.regenerate:
+        records = regenerate_responses(verifier, tokenizer, records, max_new_tokens=args.max_new_tokens)
+    input_ids, loss_mask = pack_blocks(iterate_records(tokenizer, records), args.seq_len)
+    info = {
+        "verifier": args.verifier,
+        "source": str(args.input),
+        "records": len(records),
+        "regenerated": args.regenerate,
+    }
+    save_blocks(args.output, input_ids, loss_mask, info)
+    print(
+        f"wrote {input_ids.shape[0]} blocks of {args.seq_len} tokens ({int(loss_mask.sum())} trained tokens) to {args.output}"
+    )
+    if args.cache_features:
+        layer_ids = (
+            [int(x) for x in args.layers.split(",")] if args.layers else _family_layer_ids(args.family, verifier)
+        )
+        cache_features(verifier, input_ids, layer_ids, args.output, dtype=getattr(torch, args.cache_dtype))
+    return 0
+
+
+def _family_layer_ids(family: str, verifier: Any) -> list[int]:
+    return _new_draft(family, verifier, None).verifier_layer_ids()
+
+
+def _new_draft(family: str, verifier: Any, draft_vocab_size: int | None, speculative_tokens: int = 5) -> Any:
+    from ..models import FAMILIES
+
+    classes = {config_class.family: model_class for config_class, model_class in FAMILIES}
+    if family not in classes:
+        raise SystemExit(f"unknown family {family!r}; choose one of {sorted(classes)}")
+    kwargs: dict[str, Any] = {"speculative_tokens": speculative_tokens}
+    if family == "eagle3" and draft_vocab_size:
+        kwargs["draft_vocab_size"] = draft_vocab_size
+    return classes[family].from_verifier(verifier, **kwargs)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..loading import load_draft
+    from .data import DraftDataset
+    from .losses import select_draft_vocab
+    from .trainer import TrainConfig, train
+
+    verifier = _load_verifier(args.verifier, args.dtype)
+    input_ids, loss_mask = load_blocks(args.data)
+    n_eval = min(args.eval_blocks, input_ids.shape[0] // 10)
+    train_ids, train_mask = input_ids[: len(input_ids) - n_eval], loss_mask[: len(input_ids) - n_eval]
+    eval_prompts = [
+        input_ids[i : i + 1, : args.eval_prompt_len] for i in range(len(input_ids) - n_eval, len(input_ids))
+    ]
+    if args.draft:
+        draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
+    else:
+        draft = _new_draft(args.family, verifier, args.draft_vocab_size, args.speculative_tokens)
+        if getattr(draft, "d2t", None) is not None:
+            select_draft_vocab(draft, train_ids, train_mask)
+            draft.init_from_verifier(verifier)
+    # the feature cache covers every block; training sees all but the held-out ones
+    dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(len(train_ids)))
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    config = TrainConfig(output_dir=args.output, **fields)
+    result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
+    print(
+        json.dumps(
+            {
+                "final_dir": result["final_dir"],
+                "last": result["history"][-1] if result["history"] else None,
+                "evals": result["evals"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    data = sub.add_parser(
+        "data",
+        help="build training data: tokens, loss mask and (optionally cached) verifier hidden states",
+        description="Tokenize a jsonl dataset ({'text'} | {'messages'} | {'prompt','response'} records) with the "
+        "verifier's chat template, mark assistant tokens for the loss, pack fixed-length blocks, and optionally "
+        "regenerate the responses with the verifier itself and cache its hidden states (resumable shards).",
+    )
+    data.add_argument("--verifier", required=True, help="verifier model id or path")
+    data.add_argument("--tokenizer", help="tokenizer id or path (default: the verifier's)")
+    data.add_argument("--input", required=True, type=Path, help="jsonl file")
+    data.add_argument("--output", required=True, type=Path, help="output folder")
+    data.add_argument("--limit", type=int, help="use the first N records")
+    data.add_argument("--seq-len", type=int, default=512, help="tokens per training block")
+    data.add_argument("--regenerate", action="store_true", help="replace assistant replies by the verifier's own")
+    data.add_argument("--max-new-tokens", type=int, default=256, help="length of regenerated replies")
+    data.add_argument("--cache-features", action="store_true", help="compute and store verifier hidden states now")
+    data.add_argument("--family", default="eagle3", help="draft family whose hidden states to cache")
+    data.add_argument("--layers", help="explicit hidden-state ids to cache, e.g. 2,16,29")
+    data.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    data.add_argument("--dtype", default="auto", help="verifier dtype")
+    data.set_defaults(func=cmd_data)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a draft for a verifier (accelerate: CPU, GPU, DDP, DeepSpeed, FSDP)",
+        description="Train a draft on data from `speculators-hf data`. Run under `accelerate launch "
+        "--config_file examples/accelerate/<setup>.yaml -m speculators_hf.cli train ...` to scale out. "
+        "Resumes from the last checkpoint in --output unless --no-resume.",
+    )
+    tr.add_argument("--verifier", required=True, help="verifier model id or path")
+    tr.add_argument("--data", required=True, type=Path, help="folder written by `speculators-hf data`")
+    tr.add_argument("--output", required=True, help="output folder (checkpoints/, final/)")
+    tr.add_argument("--family", default="eagle3", help="eagle3 | independent | ... (new draft)")
+    tr.add_argument("--draft", help="continue from an existing draft checkpoint instead of a new one")
+    tr.add_argument("--draft-vocab-size", type=int, help="EAGLE-3 draft vocabulary (most frequent targets)")
+    tr.add_argument("--speculative-tokens", type=int, default=5, help="default draft length saved in the config")
+    tr.add_argument("--features", type=Path, help="feature cache folder (default: computed on the fly)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--batch-size", dest="batch_size", type=int)
+    tr.add_argument("--grad-accum", dest="grad_accum", type=int)
+    tr.add_argument("--lr", dest="learning_rate", type=float)
+    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    tr.add_argument("--ttt-steps", dest="ttt_steps", type=int, help="EAGLE-3 training-time-test steps (default 7)")
+    tr.add_argument("--save-every", dest="save_every", type=int)
+    tr.add_argument("--eval-every", dest="eval_every", type=int)
+    tr.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for the acceptance evaluation")
+    tr.add_argument("--eval-prompt-len", type=int, default=32, help="prompt tokens taken from each held-out block")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--dtype", default="auto", help="verifier dtype")
+    tr.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    tr.set_defaults(func=cmd_train)

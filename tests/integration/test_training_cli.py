@@ -1,0 +1,100 @@
+"""`speculators-hf data` + `accelerate launch ... train` end to end on CPU, and the example configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_greedy_exact, make_prompts, make_verifier
+from transformers import AutoModelForCausalLM
+
+from speculators_hf.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision in {"bf16", "no"}
+
+
+def test_data_then_accelerate_launch_train(tmp_path, tiny_tokenizer):
+    verifier = make_verifier(vocab_size=len(tiny_tokenizer))
+    verifier.save_pretrained(tmp_path / "verifier")
+    tiny_tokenizer.save_pretrained(tmp_path / "verifier")
+    words = ["the draft model", "speculative decoding is exact", "fast output text", "runs on cpu and gpu"]
+    records = [
+        {"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "same"}]} for w in words * 12
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    argv = [
+        "data",
+        "--verifier",
+        str(tmp_path / "verifier"),
+        "--input",
+        str(tmp_path / "chat.jsonl"),
+        "--output",
+        str(tmp_path / "data"),
+    ]
+    argv += [
+        "--seq-len",
+        "32",
+        "--regenerate",
+        "--max-new-tokens",
+        "12",
+        "--cache-features",
+        "--cache-dtype",
+        "float32",
+    ]
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "data" / "data_info.json").read_text())
+    assert info["regenerated"] and info["blocks"] >= 10
+    features = next((tmp_path / "data").glob("features-*"))
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/cpu.yaml"),
+    ]
+    cmd += [
+        "-m",
+        "speculators_hf.cli",
+        "train",
+        "--verifier",
+        str(tmp_path / "verifier"),
+        "--data",
+        str(tmp_path / "data"),
+    ]
+    cmd += ["--output", str(tmp_path / "out"), "--features", str(features), "--steps", "6", "--batch-size", "2"]
+    cmd += [
+        "--save-every",
+        "3",
+        "--eval-blocks",
+        "2",
+        "--eval-prompt-len",
+        "8",
+        "--draft-vocab-size",
+        "16",
+        "--ttt-steps",
+        "2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").bind_verifier(verifier)
+    assert draft.config.draft_vocab_size == 16
+    assert draft.config.verifier["name_or_path"] == str(tmp_path / "verifier")
+    assert_greedy_exact(verifier, draft, make_prompts(5, vocab=len(tiny_tokenizer)), max_new_tokens=12)
