@@ -1,0 +1,34 @@
+"""The benchmark runner measures real runs and reports them."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import make_prompts, make_verifier
+
+import speculators_hf as sh
+from speculators_hf.bench import machine_description, markdown_table, run_bench, write_report
+
+
+def test_bench_runs_every_method_and_checks_exactness(tmp_path):
+    verifier = make_verifier(num_hidden_layers=6)
+    draft = sh.Eagle3Speculator.from_verifier(verifier)
+    small_lm = make_verifier(num_hidden_layers=1, seed=3)
+    results = run_bench(verifier, make_prompts(3), {"eagle3": draft}, [2, 3], max_new_tokens=12, assistant_lm=small_lm)
+    methods = [(r.method, r.k) for r in results]
+    assert methods[0] == ("verifier alone", None)
+    for k in (2, 3):
+        assert (
+            ("transformers assisted (small LM)", k) in methods
+            and ("prompt lookup", k) in methods
+            and ("eagle3", k) in methods
+        )
+    assert all(r.exact for r in results)
+    ours = [r for r in results if r.method == "eagle3"]
+    assert all(r.cost_ratio > 0 and r.ideal_speedup == r.tau / (1 + r.k * r.cost_ratio) for r in ours)
+    assert all(r.tokens == 36 for r in results)
+
+    out = write_report(results, tmp_path, {"machine": machine_description(), "command": "pytest"})
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["results"]) == len(results)
+    assert "| eagle3 | 2 |" in markdown_table(results)
