@@ -1,0 +1,125 @@
+"""Zoo step 2: drafts for the zoo verifier, trained on text the verifier itself generates.
+
+    python benchmarks/zoo/build_drafts.py --work benchmarks/zoo/work [--families eagle3,independent]
+
+1. Prompts: random windows of the training corpus; the verifier continues each greedily (batched),
+   which is the text the drafts must learn to predict. Held-out prompts (from held-out documents)
+   are written to `<work>/prompts.json` for the benchmark.
+2. The verifier's hidden states are cached once (bf16 shards) for the EAGLE-style families.
+3. Each family is trained with `speculators_hf.training.train`; the small independent LM doubles as
+   the baseline for transformers' own assisted generation.
+Every stage keeps what is on disk, so the script resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import speculators_hf as sh
+from speculators_hf.training import (
+    DraftDataset,
+    TrainConfig,
+    cache_features,
+    measure_acceptance,
+    select_draft_vocab,
+    train,
+)
+from speculators_hf.training.data import load_blocks, save_blocks
+
+PROMPT_LEN = 48
+EVAL_PROMPTS = 24
+
+# family -> (constructor keyword arguments, training settings)
+RECIPES = {
+    "eagle3": ({"draft_vocab_size": 2048}, {"steps": 3000, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 5}),
+    "independent": ({}, {"steps": 2500, "batch_size": 8, "learning_rate": 2e-3}),
+}
+
+
+def windows(tokenizer, text: str, n: int, length: int, seed: int) -> list[list[int]]:
+    docs = [d for d in text.split("\n<|endoftext|>\n") if len(d) > 400]
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        ids = tokenizer(rng.choice(docs)).input_ids
+        if len(ids) > length + 8:
+            start = rng.randrange(0, len(ids) - length)
+            out.append(ids[start : start + length])
+    return out
+
+
+@torch.inference_mode()
+def generate_corpus(
+    verifier, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int = 32
+) -> list[tuple[list[int], list[int]]]:
+    """Greedy continuations, batched (all prompts have the same length, so no padding is needed)."""
+    seqs = []
+    for i in range(0, len(prompts), batch):
+        x = torch.tensor(prompts[i : i + batch])
+        out = verifier.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        for row in out.tolist():
+            seqs.append((row, [0] * x.shape[1] + [1] * (len(row) - x.shape[1])))
+        print(f"  generated {len(seqs)}/{len(prompts)}", flush=True)
+    return seqs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/zoo/work"))
+    parser.add_argument("--families", default=",".join(RECIPES))
+    parser.add_argument("--sequences", type=int, default=1200)
+    parser.add_argument("--new-tokens", type=int, default=160)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps")
+    args = parser.parse_args()
+    work = args.work
+    verifier = AutoModelForCausalLM.from_pretrained(work / "verifier" / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(work / "verifier" / "final")
+
+    prompts_path = work / "prompts.json"
+    if not prompts_path.exists():
+        held = windows(tokenizer, (work / "corpus" / "heldout.txt").read_text(), EVAL_PROMPTS, PROMPT_LEN, seed=1)
+        prompts_path.write_text(json.dumps(held))
+
+    data_dir = work / "draft_data"
+    if not (data_dir / "blocks.safetensors").exists():
+        prompts = windows(tokenizer, (work / "corpus" / "train.txt").read_text(), args.sequences, 32, seed=0)
+        seqs = generate_corpus(verifier, tokenizer, prompts, args.new_tokens)
+        ids = torch.tensor([s for s, _ in seqs])
+        mask = torch.tensor([m for _, m in seqs], dtype=torch.uint8)
+        save_blocks(
+            data_dir, ids, mask, {"verifier": str(work / "verifier" / "final"), "regenerated": True, "greedy": True}
+        )
+    input_ids, loss_mask = load_blocks(data_dir)
+    eval_prompts = [torch.tensor([p]) for p in json.loads(prompts_path.read_text())[:8]]
+
+    for family in args.families.split(","):
+        out = work / "drafts" / family
+        if (out / "final" / "config.json").exists():
+            print(f"{family}: already trained")
+            continue
+        ctor, settings = RECIPES[family]
+        draft_class = {"eagle3": sh.Eagle3Speculator, "independent": sh.IndependentSpeculator}[family]
+        draft = draft_class.from_verifier(verifier, **ctor)
+        if getattr(draft, "d2t", None) is not None:
+            select_draft_vocab(draft, input_ids, loss_mask)
+            draft.init_from_verifier(verifier)
+        features = None
+        if draft.verifier_layer_ids():
+            features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+        print(f"{family}: untrained {measure_acceptance(verifier, draft, eval_prompts, 64)}")
+        settings = {**settings, "steps": int(settings["steps"] * args.steps_scale)}
+        config = TrainConfig(
+            output_dir=str(out), save_every=500, log_every=50, warmup_steps=100, eval_max_new_tokens=64, **settings
+        )
+        result = train(draft, verifier, DraftDataset(input_ids, loss_mask, features), config, eval_prompts=eval_prompts)
+        print(f"{family}: {result['evals']}")
+
+
+if __name__ == "__main__":
+    main()
