@@ -132,6 +132,11 @@ def train_verifier(
     print(f"verifier: {n_params / 1e6:.1f}M parameters, {tokens_per_step} tokens/step, about {est_steps} steps")
     model.train()
     t0 = time.perf_counter() - elapsed
+
+    def save_state() -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        torch.save({**state, "elapsed": time.perf_counter() - t0, "est_steps": est_steps}, state_path)
+
     while time.perf_counter() - t0 < minutes * 60:
         warm = 200
         scale = (
@@ -162,26 +167,8 @@ def train_verifier(
                 log.write(json.dumps(rec) + "\n")
             print(rec, flush=True)
         if step % 200 == 0:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "elapsed": time.perf_counter() - t0,
-                    "est_steps": est_steps,
-                },
-                state_path,
-            )
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "elapsed": time.perf_counter() - t0,
-            "est_steps": est_steps,
-        },
-        state_path,
-    )
+            save_state()
+    save_state()
     model.eval()
     model.save_pretrained(folder / "final")
     tokenizer.save_pretrained(folder / "final")

@@ -9,6 +9,7 @@ token must be drawn from exactly softmax(score) (or be its argmax under greedy d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -70,3 +71,29 @@ def point_mass(token: torch.Tensor, vocab_size: int) -> torch.Tensor:
     scores = torch.full((token.shape[0], vocab_size), float("-inf"), device=token.device)
     scores.scatter_(1, token[:, None], 0.0)
     return scores
+
+
+def draft_chain(
+    input_ids: torch.Tensor,
+    num_tokens: int,
+    pick: TokenPicker,
+    next_logits: Callable[[torch.Tensor | None], torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draft `num_tokens` tokens one after another after `input_ids` [1, n].
+
+    `next_logits(previous_token)` returns the [1, V] verifier-vocabulary logits of the next draft token,
+    given the token drafted just before (None for the first). Returns (tokens [1, k], k scores)."""
+    sequence, scores, token = input_ids, [], None
+    for _ in range(num_tokens):
+        token, score = pick(sequence, next_logits(token))
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+        scores.append(score)
+    return sequence[:, input_ids.shape[1] :], scores
+
+
+def truncate_cache(cache: Any, length: int) -> None:
+    """Drop everything a transformers `Cache` holds beyond `length` positions (what the draft computed
+    from its own guesses in the previous round)."""
+    stale = cache.get_seq_length() - length
+    if stale > 0:
+        cache.crop(-stale)

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
 from ..generation.capture import VerifierBindingError
-from ..generation.sampling import TokenPicker, expand_draft_vocab
+from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
 
@@ -280,23 +280,24 @@ class Eagle3Speculator(SpeculatorModel):
         num_tokens: int,
         pick: TokenPicker,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        stale = state.get_seq_length() - start
-        if stale > 0:
-            state.crop(-stale)
+        truncate_cache(state, start)
         n = input_ids.shape[1]
-        hidden = self.project(features)
-        tokens_in = input_ids[:, start + 1 : n]
-        positions = torch.arange(start, n - 1, device=input_ids.device)
-        sequence: torch.Tensor = input_ids
-        scores = []
-        for _ in range(num_tokens):
-            hidden, logits = self.step(tokens_in, hidden, positions, state)
-            full = expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
-            token, score = pick(sequence, full)
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-            scores.append(score)
-            hidden, tokens_in, positions = hidden[:, -1:], token[:, None], positions[-1:] + 1
-        return sequence[:, n:], scores
+        # first step: positions start..n-2 with the verifier's features and the tokens after them;
+        # later steps: one position, fed the draft's own output and the token it just drafted
+        inputs = {
+            "hidden": self.project(features),
+            "tokens": input_ids[:, start + 1 : n],
+            "positions": torch.arange(start, n - 1, device=input_ids.device),
+        }
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            if token is not None:
+                inputs.update(tokens=token[:, None], positions=inputs["positions"][-1:] + 1)
+            hidden, logits = self.step(inputs["tokens"], inputs["hidden"], inputs["positions"], state)
+            inputs["hidden"] = hidden[:, -1:]
+            return expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
+
+        return draft_chain(input_ids, num_tokens, pick, next_logits)
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod

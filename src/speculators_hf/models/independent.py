@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from ..config import SpeculatorConfig, build_layer_config
-from ..generation.sampling import TokenPicker, expand_draft_vocab
+from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 
 
@@ -101,16 +101,12 @@ class IndependentSpeculator(SpeculatorModel):
         num_tokens: int,
         pick: TokenPicker,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        stale = state.get_seq_length() - start
-        if stale > 0:
-            state.crop(-stale)
-        n, vocab = input_ids.shape[1], self.config.vocab_size
-        sequence: torch.Tensor = input_ids
-        scores, fresh = [], input_ids[:, start:]
-        for _ in range(num_tokens):
-            logits = self.model(input_ids=fresh, cache=state, use_cache=True).logits[:, -1]
-            token, score = pick(sequence, expand_draft_vocab(logits, None, vocab))
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-            scores.append(score)
-            fresh = token[:, None]
-        return sequence[:, n:], scores
+        truncate_cache(state, start)
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            # first call: every token the LM has not seen yet; then the token it just drafted
+            tokens = input_ids[:, start:] if token is None else token[:, None]
+            logits = self.model(input_ids=tokens, cache=state, use_cache=True).logits[:, -1]
+            return expand_draft_vocab(logits, None, self.config.vocab_size)
+
+        return draft_chain(input_ids, num_tokens, pick, next_logits)
