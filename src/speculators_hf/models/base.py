@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, tokenizer_hash, verifier_fingerprint
@@ -74,8 +74,8 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         raise NotImplementedError
 
     def new_draft_state(self) -> Any:
-        """Fresh per-generation state (e.g. the draft's KV cache)."""
-        raise NotImplementedError
+        """Fresh per-generation state: by default a KV cache for the draft's own attention."""
+        return DynamicCache()
 
     def propose(
         self,

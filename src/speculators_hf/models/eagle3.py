@@ -268,9 +268,6 @@ class Eagle3Speculator(SpeculatorModel):
     def verifier_layer_ids(self) -> list[int]:
         return self.config.aux_layer_ids
 
-    def new_draft_state(self) -> DynamicCache:
-        return DynamicCache()
-
     def propose(
         self,
         state: DynamicCache,

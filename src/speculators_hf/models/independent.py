@@ -89,9 +89,6 @@ class IndependentSpeculator(SpeculatorModel):
     def verifier_layer_ids(self) -> list[int]:
         return []
 
-    def new_draft_state(self) -> DynamicCache:
-        return DynamicCache()
-
     def propose(
         self,
         state: DynamicCache,
