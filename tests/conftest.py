@@ -237,28 +237,11 @@ def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):
         )
 
 
-def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path, revision: str = "0" * 40) -> None:
-    """Lay `folder` out as huggingface_hub's cache does for a downloaded repo (blobs, snapshots, refs),
-    so that `from_pretrained(repo_id, cache_dir=cache_dir)` works with HF_HUB_OFFLINE=1."""
-    import hashlib
-    import shutil
+def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path) -> None:
+    """A folder as a downloaded Hub repo in `cache_dir` (for HF_HUB_OFFLINE=1 loading by repo id)."""
+    from speculators_hf.loading import save_to_hub_cache
 
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            link = snapshot / path.relative_to(folder)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.unlink(missing_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    shutil.rmtree(repo / ".no_exist", ignore_errors=True)
+    save_to_hub_cache(folder, repo_id, cache_dir)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,9 @@
 2. The verifier's hidden states are cached once (bf16 shards) for the EAGLE-style families.
 3. Each family is trained with `speculators_hf.training.train`; the small independent LM doubles as
    the baseline for transformers' own assisted generation.
+4. `--publish` writes the verifier, its tokenizer and every trained draft in fp16, in Hub layout, to
+   `benchmarks/zoo/hub` (repo ids `speculators-hf/zoo-verifier`, `speculators-hf/zoo-<family>`), and
+   the held-out prompts to `benchmarks/zoo/prompts.json`: what `make demo` and `speculators-hf bench` load.
 Every stage keeps what is on disk, so the script resumes.
 """
 
@@ -22,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import speculators_hf as sh
+from speculators_hf.loading import save_to_hub_cache
 from speculators_hf.training import (
     DraftDataset,
     TrainConfig,
@@ -33,6 +37,8 @@ from speculators_hf.training import (
 from speculators_hf.training.data import load_blocks, save_blocks
 
 PROMPT_LEN = 48
+ZOO = Path(__file__).resolve().parent
+VERIFIER_ID = "speculators-hf/zoo-verifier"
 EVAL_PROMPTS = 24
 
 # family -> (constructor keyword arguments, training settings)
@@ -76,7 +82,11 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=1200)
     parser.add_argument("--new-tokens", type=int, default=160)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps")
+    parser.add_argument("--publish", action="store_true", help="only publish what is trained to benchmarks/zoo")
     args = parser.parse_args()
+    if args.publish:
+        publish(args.work, args.families.split(","))
+        return
     work = args.work
     verifier = AutoModelForCausalLM.from_pretrained(work / "verifier" / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(work / "verifier" / "final")
@@ -119,6 +129,32 @@ def main() -> None:
         )
         result = train(draft, verifier, DraftDataset(input_ids, loss_mask, features), config, eval_prompts=eval_prompts)
         print(f"{family}: {result['evals']}")
+
+
+def publish(work: Path, families: list[str]) -> None:
+    """fp16 copies in Hub layout under benchmarks/zoo/hub, with the drafts pointing at VERIFIER_ID."""
+    import tempfile
+
+    hub = ZOO / "hub"
+    with tempfile.TemporaryDirectory() as tmp:
+        verifier = AutoModelForCausalLM.from_pretrained(work / "verifier" / "final", dtype=torch.float16)
+        verifier.save_pretrained(Path(tmp) / "verifier")
+        AutoTokenizer.from_pretrained(work / "verifier" / "final").save_pretrained(Path(tmp) / "verifier")
+        save_to_hub_cache(Path(tmp) / "verifier", VERIFIER_ID, hub)
+        for family in families:
+            final = work / "drafts" / family / "final"
+            if not (final / "config.json").exists():
+                continue
+            draft = sh.load_draft(final, dtype=torch.float16)
+            draft.config.verifier["name_or_path"] = VERIFIER_ID
+            draft.save_pretrained(Path(tmp) / family)
+            save_to_hub_cache(Path(tmp) / family, f"speculators-hf/zoo-{family}", hub)
+            summary = json.loads((final / "training_summary.json").read_text())
+            (ZOO / f"training_{family}.json").write_text(json.dumps(summary, indent=1))
+    (ZOO / "prompts.json").write_text((work / "prompts.json").read_text())
+    for log in ("training_log.jsonl",):
+        (ZOO / f"verifier_{log}").write_text((work / "verifier" / log).read_text())
+    print(f"published to {hub}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -67,3 +70,26 @@ class AutoSpeculatorForCausalLM:
             verifier = AutoModelForCausalLM.from_pretrained(name, **vkw)
         draft.to(verifier.device)  # type: ignore[arg-type]
         return draft.bind_verifier(verifier, tokenizer=tokenizer)
+
+
+def save_to_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, revision: str = "0" * 40) -> Path:
+    """Lay a checkpoint folder out as huggingface_hub's cache holds a downloaded repo (blobs,
+    snapshots/<revision>, refs/main), so `from_pretrained(repo_id, cache_dir=cache_dir)` loads it
+    with HF_HUB_OFFLINE=1: how the benchmark zoo ships its models and how tests stand in for the Hub."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    shutil.rmtree(snapshot, ignore_errors=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = snapshot / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
