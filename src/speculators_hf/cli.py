@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,9 +55,23 @@ def _hub_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return verifier.eval(), draft.eval(), tokenizer
 
 
+def _zoo_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The embedded zoo: a verifier and an EAGLE-3 draft trained on this kind of machine."""
+    from .zoo import load_zoo_draft, zoo_tokenizer
+
+    draft = load_zoo_draft("eagle3")
+    draft.config.speculative_tokens = args.num_draft_tokens
+    return draft.verifier, draft, zoo_tokenizer()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    builtin = args.draft is None
-    verifier, draft, tokenizer = _builtin_pair(args) if builtin else _hub_pair(args)
+    from .zoo import zoo_dir
+
+    builtin = args.draft is None and zoo_dir() is None
+    if args.draft is not None:
+        verifier, draft, tokenizer = _hub_pair(args)
+    else:
+        verifier, draft, tokenizer = _builtin_pair(args) if builtin else _zoo_pair(args)
     if tokenizer is not None:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(verifier.device)
     else:
@@ -80,11 +95,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"time: verifier alone {t_plain:.3f}s, with draft {t_assisted:.3f}s -> speedup {t_plain / t_assisted:.2f}x")
     if builtin:
         print(
-            "\nThis built-in pair is a random verifier with an UNTRAINED draft, so few draft tokens are accepted "
-            "(tau near 1) and there is no speedup; it shows the exactness guarantee. Pass --verifier/--draft "
-            "with Hub ids (e.g. --draft org/llama-eagle3) to see a trained draft at work."
+            "\nThe benchmark zoo is not in this checkout, so this was a random verifier with an UNTRAINED draft: "
+            "few draft tokens are accepted (tau near 1) and there is no speedup; it shows the exactness guarantee. "
+            "Pass --verifier/--draft with Hub ids (e.g. --draft org/llama-eagle3) to see a trained draft at work."
         )
     return 0 if identical else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import machine_description, markdown_table, run_bench, write_report
+    from .loading import load_draft
+    from .zoo import load_zoo_draft, zoo_families, zoo_prompts
+
+    k_values = [int(k) for k in args.k.split(",")]
+    dtype = getattr(torch, args.dtype)
+    if args.verifier is None:  # the embedded zoo
+        families = args.families.split(",") if args.families else zoo_families()
+        verifier, drafts, assistant_lm = None, {}, None
+        for family in families:
+            drafts[family] = load_zoo_draft(family, dtype=dtype, verifier=verifier)
+            verifier = drafts[family].verifier
+        if "independent" in drafts:  # its LM is also the baseline for transformers' own assisted generation
+            assistant_lm = drafts["independent"].model
+        prompts = zoo_prompts()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=dtype).eval()
+        drafts = {}
+        for spec in args.draft or []:
+            name, _, path = spec.rpartition("=")
+            drafts[name or path] = load_draft(path, dtype=dtype).bind_verifier(verifier)
+        assistant_lm = (
+            AutoModelForCausalLM.from_pretrained(args.assistant_lm, dtype=dtype).eval() if args.assistant_lm else None
+        )
+        tokenizer = AutoTokenizer.from_pretrained(args.verifier)
+        texts = json.loads(Path(args.prompts).read_text()) if args.prompts else ["def main():\n"]
+        prompts = [
+            torch.tensor([t]) if isinstance(t, list) else tokenizer(t, return_tensors="pt").input_ids for t in texts
+        ]
+    if args.device:
+        verifier.to(args.device)
+        for draft in drafts.values():
+            draft.to(args.device)
+    prompts = prompts[: args.num_prompts]
+    results = run_bench(
+        verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup
+    )
+    meta = {
+        "machine": machine_description(),
+        "command": "speculators-hf " + " ".join(sys.argv[1:]),
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+    }
+    out = write_report(results, args.out, meta)
+    print(markdown_table(results))
+    print(f"written to {out}")
+    return 0 if all(r.exact for r in results) else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -118,17 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate with and without a draft; show identical output, tau and speedup",
         description="Generate greedily with the verifier alone and with a draft, check that the outputs are "
         "identical, and print the acceptance length (tau) and the speedup measured in this run. Without "
-        "--draft, a small random verifier and an untrained EAGLE-3 draft are built locally (no download).",
+        "--draft: the benchmark zoo's verifier and EAGLE-3 draft (benchmarks/zoo), or, where the zoo is "
+        "absent, a random verifier with an untrained draft built locally (no download).",
     )
     demo.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
     demo.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
-    demo.add_argument("--prompt", default="Speculative decoding makes large language models", help="prompt text")
+    demo.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")
     demo.add_argument("--repeats", type=int, default=1, help="timed repetitions (best is kept)")
     demo.add_argument("--dtype", default="auto", help="torch dtype for Hub models (auto, float32, bfloat16, ...)")
     demo.add_argument("--device", default=None, help="device for Hub models (cpu, cuda, ...)")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure tau and speedup against the verifier alone, transformers assisted generation and prompt lookup",
+        description="Greedy generation on held-out prompts with every method, in one run; writes results.json, "
+        "results.md and speedup.png to --out. Without --verifier: the embedded benchmark zoo.",
+    )
+    bench.add_argument("--verifier", help="verifier id or path (default: the benchmark zoo)")
+    bench.add_argument("--draft", action="append", help="NAME=PATH of a draft (repeatable)")
+    bench.add_argument("--assistant-lm", help="small LM for transformers' own assisted generation")
+    bench.add_argument("--families", help="zoo drafts to run (default: all)")
+    bench.add_argument("--prompts", help="JSON list of prompt strings (or token id lists)")
+    bench.add_argument("--num-prompts", type=int, default=12)
+    bench.add_argument("--k", default="3,5,7", help="draft lengths")
+    bench.add_argument("--max-new-tokens", type=int, default=96)
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--no-prompt-lookup", action="store_true")
+    bench.add_argument("--out", default="bench_results", help="output folder")
+    bench.set_defaults(func=cmd_bench)
 
     inspect = sub.add_parser("inspect", help="print a draft's family, verifier, fingerprint and tensors")
     inspect.add_argument("path", help="draft checkpoint (Hub id or path)")
