@@ -111,7 +111,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.verifier is None:  # the embedded zoo
         families = args.families.split(",") if args.families else zoo_families()
-        verifier, drafts, assistant_lm = None, {}, None
+        verifier: Any = None
+        drafts, assistant_lm = {}, None
         for family in families:
             drafts[family] = load_zoo_draft(family, dtype=dtype, verifier=verifier)
             verifier = drafts[family].verifier
