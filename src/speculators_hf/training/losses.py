@@ -25,6 +25,36 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch
     return F.cross_entropy(chosen, labels), (chosen.argmax(-1) == labels).float().mean().item()
 
 
+def chained_cross_entropy(
+    step_logits: Any,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    decay: float = 0.8,
+    t2d: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss every chained draft shares: step (or head) j at row t predicts x_{t+j+2}; step j is
+    weighted decay**j. `step_logits` is a sequence of [B, T, V'] tensors. With a reduced draft vocabulary
+    (`t2d`: verifier ids it contains), targets outside it are left out and the others are mapped to draft
+    ids (the selected verifier ids, ascending)."""
+    length = input_ids.shape[1]
+    draft_id = None if t2d is None else torch.cumsum(t2d.long(), 0) - 1
+    total = input_ids.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    for j, logits in enumerate(step_logits):
+        if length - j - 2 <= 0:
+            break
+        target = input_ids[:, j + 2 :]
+        mask = loss_mask[:, j + 2 :].bool()
+        if t2d is not None and draft_id is not None:
+            mask = mask & t2d[target]
+            target = draft_id[target].clamp(min=0)
+        ce, acc = masked_cross_entropy(logits[:, : length - j - 2], target, mask)
+        total = total + decay**j * ce
+        metrics[f"acc_{j}"] = acc
+    metrics["loss"] = total.item()
+    return total, metrics
+
+
 def eagle3_loss(
     draft: Any,
     input_ids: torch.Tensor,
@@ -33,26 +63,24 @@ def eagle3_loss(
     steps: int = 7,
     decay: float = 0.8,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Training-time test: `steps` unrolled draft steps, step j weighted decay**j (EAGLE-3: 7, 0.8).
-    Step j at row t predicts x_{t+j+2}; targets outside the draft vocabulary are left out."""
-    length = input_ids.shape[1]
-    steps = min(steps, length - 2)
-    draft_id = None
-    if draft.d2t is not None:  # verifier id -> draft id (draft ids are the selected verifier ids, ascending)
-        draft_id = torch.cumsum(draft.t2d.long(), 0) - 1
-    total = input_ids.new_zeros((), dtype=torch.float32)
-    metrics: dict[str, float] = {}
-    for j, logits in enumerate(draft.unrolled_logits(input_ids, features, steps)):
-        target = input_ids[:, j + 2 :]
-        mask = loss_mask[:, j + 2 :].bool()
-        if draft_id is not None:
-            mask = mask & draft.t2d[target]
-            target = draft_id[target].clamp(min=0)
-        ce, acc = masked_cross_entropy(logits[:, : length - j - 2], target, mask)
-        total = total + decay**j * ce
-        metrics[f"acc_{j}"] = acc
-    metrics["loss"] = total.item()
-    return total, metrics
+    """Training-time test: `steps` unrolled draft steps, step j weighted decay**j (EAGLE-3: 7, 0.8)."""
+    steps = min(steps, input_ids.shape[1] - 2)
+    t2d = draft.t2d if draft.d2t is not None else None
+    return chained_cross_entropy(draft.unrolled_logits(input_ids, features, steps), input_ids, loss_mask, decay, t2d)
+
+
+def medusa_loss(
+    draft: Any, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], decay: float = 0.8
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Medusa: head i reads the verifier's last hidden state at t and predicts x_{t+i+2} (weights 0.8^i)."""
+    return chained_cross_entropy(draft(features[0]), input_ids, loss_mask, decay)
+
+
+def mlp_speculator_loss(
+    draft: Any, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], decay: float = 0.8
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MLP speculator, teacher-forced: head i starts from the state at t, reads x_{t+1}..x_{t+i+1}, predicts x_{t+i+2}."""
+    return chained_cross_entropy(draft(features[0], input_ids), input_ids, loss_mask, decay)
 
 
 def independent_loss(
@@ -64,7 +92,12 @@ def independent_loss(
     return ce, {"loss": ce.item(), "acc_0": acc}
 
 
-LOSSES: dict[str, LossFn] = {"eagle3": eagle3_loss, "independent": independent_loss}
+LOSSES: dict[str, LossFn] = {
+    "eagle3": eagle3_loss,
+    "independent": independent_loss,
+    "medusa": medusa_loss,
+    "mlp_speculator": mlp_speculator_loss,
+}
 
 
 def loss_for(family: str) -> LossFn:
