@@ -21,6 +21,7 @@ from transformers import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # tiny CPU models gain nothing from more threads, and spin badly under load
 
 VOCAB = 96
 COMMON = dict(

@@ -10,13 +10,18 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import SpeculatorConfig, SpeculatorConfigError
 from .generation import GenerationStats, VerifierBindingError
+from .hub import ModelCardInputError, VerifierReferenceError, create_model_card, push_to_hub
 from .loading import AutoSpeculatorForCausalLM, load_draft
 from .models import (
     FAMILIES,
     Eagle3Speculator,
     Eagle3SpeculatorConfig,
+    EagleSpeculator,
+    EagleSpeculatorConfig,
     IndependentSpeculator,
     IndependentSpeculatorConfig,
+    MLPSpeculator,
+    MLPSpeculatorConfig,
     SpeculatorLoadError,
     SpeculatorModel,
     is_speculator,
@@ -36,15 +41,23 @@ __all__ = [
     "AutoSpeculatorForCausalLM",
     "Eagle3Speculator",
     "Eagle3SpeculatorConfig",
+    "EagleSpeculator",
+    "EagleSpeculatorConfig",
     "GenerationStats",
     "IndependentSpeculator",
     "IndependentSpeculatorConfig",
+    "MLPSpeculator",
+    "MLPSpeculatorConfig",
+    "ModelCardInputError",
     "SpeculatorConfig",
     "SpeculatorConfigError",
     "SpeculatorLoadError",
     "SpeculatorModel",
     "VerifierBindingError",
+    "VerifierReferenceError",
     "__version__",
+    "create_model_card",
     "is_speculator",
     "load_draft",
+    "push_to_hub",
 ]

@@ -156,19 +156,86 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .hub import tensor_table
     from .loading import load_draft
 
     draft = load_draft(args.path)
     config = draft.config
+    tensors = tensor_table(draft)
     info = {
         "family": config.speculators_model_type,
         "class": type(draft).__name__,
         "verifier": config.verifier,
         "speculative_tokens": config.speculative_tokens,
         "parameters": sum(p.numel() for p in draft.parameters()),
-        "tensors": {k: list(v.shape) for k, v in draft.state_dict().items()},
+        "tensors": {t["name"]: t["shape"] for t in tensors},
+        "vllm_tensor_names": {t["name"]: t["vllm_name"] for t in tensors},
     }
-    print(json.dumps(info, indent=2, default=str))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    verifier = dict(config.verifier)
+    name = verifier.pop("name_or_path", None) or "(not set)"
+    revision = verifier.pop("revision", None)
+    architectures = ", ".join(verifier.pop("architectures", None) or []) or "-"
+    fingerprint = " ".join(f"{k}={v}" for k, v in verifier.items() if v is not None) or "-"
+    print(f"family:        {info['family']} ({info['class']})")
+    print(f"verifier:      {name}" + (f" @ {revision}" if revision else ""))
+    print(f"architectures: {architectures}")
+    print(f"fingerprint:   {fingerprint}")
+    print(f"draft length:  {info['speculative_tokens']} tokens per round")
+    print(f"parameters:    {info['parameters']:,}")
+    print()
+    rows = [
+        (
+            t["name"],
+            "[" + ", ".join(map(str, t["shape"])) + "]",
+            t["dtype"],
+            "same" if t["vllm_name"] == t["name"] else t["vllm_name"],
+        )
+        for t in tensors
+    ]
+    header = ("tensor", "shape", "dtype", "vLLM / speculators name")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def _json_arg(value: str | None) -> Any:
+    """A JSON value given inline or as the path of a JSON file."""
+    if value is None:
+        return None
+    path = Path(value)
+    return json.loads(path.read_text() if path.is_file() else value)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    card_inputs = dict(_json_arg(args.card_info) or {})
+    if args.license:
+        card_inputs["license"] = args.license
+    results = _json_arg(args.results)
+    if results is not None:
+        card_inputs["results"] = results
+    info = push_to_hub(
+        args.path,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token=args.token,
+        commit_message=args.commit_message,
+        endpoint=args.endpoint,
+        check_verifier=not args.no_check_verifier,
+        verifier=args.verifier,
+        **card_inputs,
+    )
+    print(
+        f"pushed {args.path} to {args.repo_id}"
+        + (f" ({args.revision})" if args.revision else "")
+        + f": {info.commit_url}"
+    )
     return 0
 
 
@@ -219,13 +286,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_results", help="output folder")
     bench.set_defaults(func=cmd_bench)
 
-    inspect = sub.add_parser("inspect", help="print a draft's family, verifier, fingerprint and tensors")
+    inspect = sub.add_parser(
+        "inspect",
+        help="print a draft's family, verifier, fingerprint, draft length, size and tensors",
+        description="Print a draft's family, verifier reference and fingerprint, draft length, parameter count, "
+        "and every tensor with its shape, dtype and its name in the checkpoint vLLM/speculators reads "
+        "('same' when identical).",
+    )
     inspect.add_argument("path", help="draft checkpoint (Hub id or path)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=cmd_inspect)
+
+    push = sub.add_parser(
+        "push",
+        help="upload a saved draft and its model card to the Hub in one commit",
+        description="Upload every file of a draft folder (written by save_pretrained) plus its model card to a Hub "
+        "repo in one commit. The verifier reference must be a Hub id that exists (checked first). A README.md "
+        "written by a person (in the folder or already in the repo) is kept.",
+    )
+    push.add_argument("path", help="draft folder written by save_pretrained")
+    push.add_argument("repo_id", help="target repo, e.g. org/llama-eagle3")
+    push.add_argument("--private", action="store_true", help="create the repo private (a new repo only)")
+    push.add_argument("--revision", help="branch to commit to (created if missing); default main")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--commit-message", help="commit summary")
+    push.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    push.add_argument("--verifier", help="verifier Hub id to record in the uploaded config.json")
+    push.add_argument("--no-check-verifier", action="store_true", help="do not look the verifier up on the Hub")
+    push.add_argument("--license", help="license id for the card (default: the verifier's)")
+    push.add_argument(
+        "--results", help="measured results for the card: JSON or a JSON file ({tau, speedup, command, device})"
+    )
+    push.add_argument(
+        "--card-info", help="more card inputs (training, datasets, tags, notes, ...): JSON or a JSON file"
+    )
+    push.set_defaults(func=cmd_push)
 
     from .training.cli import add_parsers as add_training_parsers
 
     add_training_parsers(sub)
+    from .convert.cli import add_parsers as add_convert_parsers
+
+    add_convert_parsers(sub)
     return parser
 
 

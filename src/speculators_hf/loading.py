@@ -72,7 +72,9 @@ class AutoSpeculatorForCausalLM:
         return draft.bind_verifier(verifier, tokenizer=tokenizer)
 
 
-def save_to_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, revision: str = "0" * 40) -> Path:
+def save_to_hub_cache(
+    folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, revision: str = "0" * 40
+) -> Path:
     """Lay a checkpoint folder out as huggingface_hub's cache holds a downloaded repo (blobs,
     snapshots/<revision>, refs/main), so `from_pretrained(repo_id, cache_dir=cache_dir)` loads it
     with HF_HUB_OFFLINE=1: how the benchmark zoo ships its models and how tests stand in for the Hub."""

@@ -188,3 +188,16 @@ def test_too_little_data_for_one_block():
 def test_bad_train_config():
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(output_dir="x", learning_rate=0)
+
+
+@pytest.mark.parametrize("family", ["eagle", "mlp_speculator"])
+def test_other_families_train(setup, tmp_path, family):
+    """EAGLE-1/HASS (feature regression + 0.1 CE) and MLP-speculator (per-head CE) losses fall."""
+    verifier, ids, mask, held_out = setup
+    draft_class = {"eagle": sh.EagleSpeculator, "mlp_speculator": sh.MLPSpeculator}[family]
+    draft = draft_class.from_verifier(verifier)
+    config = TrainConfig(output_dir=str(tmp_path), steps=120, batch_size=8, learning_rate=3e-3, log_every=20)
+    result = train(draft, verifier, DraftDataset(ids, mask), config, eval_prompts=held_out[:4])
+    assert result["history"][-1]["loss"] < 0.9 * result["history"][0]["loss"]
+    loaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).bind_verifier(verifier)
+    assert_greedy_exact(verifier, loaded, held_out[:4], max_new_tokens=16)

@@ -20,7 +20,7 @@ def test_demo_builtin_pair_is_exact(capsys):
 
 def test_inspect(tmp_path, capsys):
     sh.Eagle3Speculator.from_verifier(make_verifier(), draft_vocab_size=64).save_pretrained(tmp_path)
-    assert main(["inspect", str(tmp_path)]) == 0
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "eagle3"
     assert info["verifier"]["vocab_size"] == 96

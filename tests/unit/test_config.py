@@ -124,7 +124,7 @@ def test_unknown_family(tmp_path):
     config = eagle3_config().to_dict()
     config["speculators_model_type"] = "eagle7"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SpeculatorConfigError, match=r"unknown speculators_model_type 'eagle7'.*\['eagle3'"):
+    with pytest.raises(SpeculatorConfigError, match=r"unknown speculators_model_type 'eagle7'.*'eagle3'"):
         AutoConfig.from_pretrained(tmp_path)
 
 

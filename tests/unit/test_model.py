@@ -116,7 +116,9 @@ def test_reload_and_populate_models(tmp_path, config_class, model_class):
         assert loaded.state_dict().keys() == draft.state_dict().keys()
         for key, value in draft.state_dict().items():
             assert torch.equal(value, loaded.state_dict()[key]), key
+        loaded.bind_verifier(verifier)  # EAGLE-1 drafts compute logits with the verifier's lm_head
         tokens, scores = fresh_proposals(loaded, verifier, ids, 3)
+        loaded.unbind_verifier()
         assert torch.equal(tokens, expected[0])
         for a, b in zip(scores, expected[1]):
             torch.testing.assert_close(a, b)

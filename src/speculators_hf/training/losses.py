@@ -69,6 +69,35 @@ def eagle3_loss(
     return chained_cross_entropy(draft.unrolled_logits(input_ids, features, steps), input_ids, loss_mask, decay, t2d)
 
 
+def eagle_loss(
+    draft: Any,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    features: list[torch.Tensor],
+    steps: int = 1,
+    decay: float = 0.8,
+    feature_weight: float = 1.0,
+    ce_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """EAGLE-1/2 (steps=1) and HASS (steps>1): SmoothL1 between the predicted and the verifier's next
+    feature plus 0.1 x cross-entropy of the verifier's head on the prediction (EAGLE's weights)."""
+    target = features[0]
+    total = input_ids.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    for j, out in enumerate(draft.unrolled_features(input_ids, target, steps)):
+        n = input_ids.shape[1] - j - 2
+        if n <= 0:
+            break
+        mask = loss_mask[:, j + 2 :].bool()
+        pred, want = out[:, :n], target[:, j + 1 : j + 1 + n]
+        regression = F.smooth_l1_loss(pred[mask], want[mask]) if mask.any() else pred.sum() * 0.0
+        ce, acc = masked_cross_entropy(draft.logits(pred), input_ids[:, j + 2 :], mask)
+        total = total + decay**j * (feature_weight * regression + ce_weight * ce)
+        metrics[f"acc_{j}"] = acc
+    metrics["loss"] = total.item()
+    return total, metrics
+
+
 def medusa_loss(
     draft: Any, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], decay: float = 0.8
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,6 +123,7 @@ def independent_loss(
 
 LOSSES: dict[str, LossFn] = {
     "eagle3": eagle3_loss,
+    "eagle": eagle_loss,
     "independent": independent_loss,
     "medusa": medusa_loss,
     "mlp_speculator": mlp_speculator_loss,

@@ -1,0 +1,168 @@
+"""Convert published draft checkpoints into this package's format, and export to `speculators`/vLLM.
+
+```python
+from speculators_hf.convert import convert
+
+convert("yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", "llama-eagle3", verifier="meta-llama/Llama-3.1-8B-Instruct")
+convert("llama-eagle3", "llama-eagle3-vllm", to="speculators")
+```
+
+Each foreign format is one declarative spec (`specs/<format>.yaml`: how to recognise it, tensor
+renames and shapes, config field map, the defaults its original code assumes) plus one small module
+that applies it (`eagle3.py`, `specforge.py`, `speculators.py`). A new format plugs in as a spec with
+`status: supported` and `module: <name>`, and a module defining `import_checkpoint(source, spec, ctx)`
+(and `export_checkpoint(folder, model, spec, ctx)` when it can be written too). Formats recognised
+but not converted yet have `status: planned` specs, so `--from auto` names them.
+
+Safety: sources are only read (safetensors, or pickles through `torch.load(weights_only=True)`); only
+safetensors are written; the output folder is built beside DST and renamed into place, so a failure
+leaves no DST; every mismatch (shape, dtype, vocabulary, verifier) is an error naming the tensor or
+field and both values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .core import (
+    ConversionError,
+    FormatSpec,
+    Source,
+    VerifierRef,
+    all_specs,
+    atomic_output,
+    check_destination,
+    detect_format,
+    known_checkpoints,
+    load_spec,
+    open_source,
+    supported_formats,
+)
+
+__all__ = [
+    "ConversionError",
+    "ConvertContext",
+    "FormatSpec",
+    "all_specs",
+    "convert",
+    "detect",
+    "known_checkpoints",
+    "load_spec",
+    "supported_formats",
+]
+
+logger = logging.getLogger("speculators_hf.convert")
+
+
+@dataclass
+class ConvertContext:
+    """What a converter module gets besides the source: the verifier, `--set` overrides, a logger."""
+
+    verifier: VerifierRef | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = logger.info
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def detect(src: str | os.PathLike, **hub_kwargs: Any) -> FormatSpec:
+    """The format of a checkpoint folder or Hub id (see `specs/*.yaml`); raises when unknown or ambiguous."""
+    return detect_format(open_source(src, **hub_kwargs))
+
+
+def _module(spec: FormatSpec) -> Any:
+    if spec.status != "supported" or spec.module is None:
+        raise ConversionError(
+            f"format {spec.name!r} ({spec.title}) is recognised but has no converter yet; supported: {supported_formats()}"
+        )
+    return importlib.import_module(f"{__name__}.{spec.module}")
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    from_format: str = "auto",
+    verifier: Any = None,
+    to: str = "ours",
+    *,
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert the draft checkpoint `src` (a folder or a Hub id) and write it to the folder `dst`.
+
+    - `from_format`: "auto" (detected from config fields and tensor names, and reported) or a format
+      name (`supported_formats()`).
+    - `verifier`: the verifier's Hub id, path or loaded model. Its config fills the verifier reference
+      and fingerprint and is checked against the draft; its input embedding is copied when the source
+      has none (research EAGLE-3). Its weights are never loaded otherwise.
+    - `to`: "ours" (this package's format: loads with AutoModelForCausalLM, remote code included) or
+      "speculators" (what the `speculators` library and vLLM read; additionally checked for that).
+    - `overrides`: our flat config fields to set (e.g. {"norm_before_residual": True}), and
+      `speculative_tokens`.
+    - `revision`: the Hub revision of `src`; `cache_dir`, `token`: for Hub ids of `src` and the verifier
+      (HF_HUB_OFFLINE=1 reads the local cache).
+    Returns `dst` as a Path.
+    """
+    say = log or logger.info
+    hub_kwargs = {"revision": revision, "cache_dir": str(cache_dir) if cache_dir else None, "token": token}
+    if to != "ours":
+        target = load_spec(to)
+        if target.export is None:
+            raise ConversionError(
+                f"cannot export to {to!r}; export targets: ours, "
+                + ", ".join(name for name, s in all_specs().items() if s.export is not None)
+            )
+    source: Source = open_source(src, **hub_kwargs)
+    destination = Path(dst).expanduser().resolve()
+    check_destination(source.root, destination, overwrite)
+    if from_format == "auto":
+        spec = detect_format(source)
+        say(f"detected format: {spec.name} ({spec.title})")
+    else:
+        spec = load_spec(from_format)
+        say(f"format: {spec.name} ({spec.title})")
+    module = _module(spec)
+    if to != "ours" and load_spec(to).family != spec.family:
+        raise ConversionError(f"cannot export a {spec.family} draft to {to!r} (a {load_spec(to).family} format)")
+    ctx = ConvertContext(
+        # the verifier is resolved at its own default revision: SRC's revision means nothing in its repo
+        verifier=VerifierRef.resolve(verifier, cache_dir=hub_kwargs["cache_dir"], token=token),
+        overrides=dict(overrides or {}),
+        log=say,
+        hub_kwargs=hub_kwargs,
+    )
+    model = module.import_checkpoint(source, spec, ctx)
+    with atomic_output(destination) as tmp:
+        model.save_pretrained(tmp)
+        _check_written(tmp, model)
+        if to != "ours":
+            exporter = _module(load_spec(to))
+            exporter.export_checkpoint(tmp, model, load_spec(to), ctx)
+    say(f"wrote {destination} ({'speculators/vLLM export' if to != 'ours' else 'speculators_hf format'})")
+    return destination
+
+
+def _check_written(folder: Path, model: Any) -> None:
+    """Load the written checkpoint back: same tensors, same dtypes, bit for bit."""
+    reloaded = type(model).from_pretrained(folder, dtype="auto")
+    written, original = reloaded.state_dict(), model.state_dict()
+    for name, tensor in original.items():
+        same = written[name].dtype == tensor.dtype and torch.equal(_bits(written[name]), _bits(tensor))
+        if not same:
+            raise ConversionError(f"the written checkpoint differs from the converted tensors at {name}")
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor (NaN compares equal to the same NaN)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

@@ -1,0 +1,81 @@
+"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators] [--verifier ID_OR_PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import ConversionError, convert, known_checkpoints
+
+    if args.list_known:
+        for entry in known_checkpoints():
+            print(f"{entry['repo']:70s} {entry['format']:15s} {entry['status']}")
+        return 0
+    if args.src is None or args.dst is None:
+        raise SystemExit("speculators-hf convert: SRC and DST are required (or --list-known)")
+    try:
+        convert(
+            args.src,
+            args.dst,
+            from_format=args.from_format,
+            verifier=args.verifier,
+            to=args.to,
+            overrides=_parse_set(args.set),
+            overwrite=args.overwrite,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            log=print,
+        )
+    except ConversionError as err:
+        print(f"error: {err}")
+        return 2
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    from .core import all_specs
+
+    formats = sorted(name for name, spec in all_specs().items() if spec.status == "supported")
+    exports = sorted(name for name, spec in all_specs().items() if spec.export is not None)
+    parser = sub.add_parser(
+        "convert",
+        help="convert a published draft checkpoint (research EAGLE-3, SpecForge, speculators) to this format or to speculators/vLLM",
+        description="Convert the draft checkpoint SRC (a folder or a Hub id; HF_HUB_OFFLINE=1 reads the local cache) "
+        "into DST. --from auto detects the format from config fields and tensor names and prints what it found. "
+        "Only safetensors are written; pickles are read with torch.load(weights_only=True); DST appears only "
+        "when the conversion succeeded.",
+    )
+    parser.add_argument("src", nargs="?", help="source checkpoint folder or Hub id")
+    parser.add_argument("dst", nargs="?", help="output folder (must not exist, or be empty, unless --overwrite)")
+    parser.add_argument("--from", dest="from_format", default="auto", choices=["auto", *formats])
+    parser.add_argument("--to", default="ours", choices=["ours", *exports])
+    parser.add_argument(
+        "--verifier",
+        help="verifier Hub id or path: fills the verifier reference, is checked against the draft, and supplies "
+        "the input embedding when the source has none (required for research EAGLE-3)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a config field of the result, e.g. norm_before_residual=true or speculative_tokens=3 (repeatable)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--revision", help="Hub revision of SRC")
+    parser.add_argument("--cache-dir", help="Hugging Face cache folder")
+    parser.add_argument("--list-known", action="store_true", help="list the published checkpoints known per format")
+    parser.set_defaults(func=cmd_convert)

@@ -1,0 +1,313 @@
+"""Research EAGLE-3 (SafeAILab/EAGLE) -> ours, and the EAGLE-3 assembly every EAGLE-3 importer shares.
+
+The facts (tensor names and shapes, config defaults of the original code, which verifier layers are
+read) live in `specs/eagle3.yaml`; this module only applies them:
+
+1. `config_from_spec`: the source config.json, with the spec's defaults, becomes our
+   `Eagle3SpeculatorConfig` (transformer_layer_config + flat fields + aux layer ids).
+2. `finish`: overrides (`--set`), the verifier (fingerprint filled from `--verifier`, vocab / hidden
+   size / layer count checked), the aux layer ids (default 2, L//2, L-3 of the verifier, made
+   distinct), tensor shapes and dtypes (errors name the tensor and both shapes), the draft vocabulary
+   mapping (`d2t` kept exactly when the draft vocabulary is smaller), the embedding (the verifier's
+   when the source has none), and finally a model whose state dict is exactly the source's tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import SpeculatorConfigError, default_speculators_config
+from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids
+from .core import (
+    ConversionError,
+    FormatSpec,
+    Source,
+    check_tensors,
+    evaluate,
+    map_fields,
+    rename_tensors,
+    source_environment,
+)
+
+EMBED = "embed_tokens.weight"
+
+
+def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:
+    """A llama-style EAGLE-3 checkpoint (research or SpecForge) -> our model, following `spec`."""
+    source.preferred_files = spec.weight_files
+    config, aux = config_from_spec(source, spec)
+    tensors, origin = rename_tensors(source.tensors(), spec.tensors, source.label, ctx.log)
+    return finish(config, tensors, origin, spec, ctx, source.label, aux_from_source=aux)
+
+
+def config_from_spec(source: Source, spec: FormatSpec) -> tuple[Eagle3SpeculatorConfig, list[int] | None]:
+    env = source_environment(spec.config, source.config, source.label)
+    layer = map_fields(spec.config.layer, env, f"{source.label}: transformer_layer_config")
+    fields = map_fields(spec.config.fields, env, f"{source.label}: config")
+    aux: list[int] | None = None
+    if spec.aux_layers is not None and spec.aux_layers.source is not None:
+        expression = spec.aux_layers.source.removeprefix("=")
+        ids = evaluate(expression, env, f"{source.label}: aux layers", missing=None)
+        if ids is not None:
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise ConversionError(f"{source.label}: {expression} must be a list of layer ids, got {ids!r}")
+            aux = [i + spec.aux_layers.offset for i in ids]
+    try:
+        config = Eagle3SpeculatorConfig(
+            transformer_layer_config=layer,
+            speculators_config=default_speculators_config("eagle3"),
+            eagle_aux_hidden_state_layer_ids=aux,
+            **fields,
+        )
+    except (SpeculatorConfigError, TypeError, ValueError) as err:
+        raise ConversionError(f"{source.label}: the converted config is invalid: {err}") from err
+    return config, aux
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared EAGLE-3 assembly
+# --------------------------------------------------------------------------------------------------
+def apply_overrides(config: Eagle3SpeculatorConfig, overrides: dict[str, Any], label: str) -> None:
+    """`--set KEY=VALUE` on our flat fields (and `speculative_tokens`)."""
+    schema = type(config).fields_schema
+    allowed = set(schema.model_fields) - {"transformer_layer_config"} if schema is not None else set()
+    for key, value in overrides.items():
+        if key == "speculative_tokens":
+            config.speculative_tokens = int(value)
+        elif key in allowed:
+            setattr(config, key, value)
+        else:
+            raise ConversionError(f"cannot set {key!r}; settable fields: {sorted(allowed | {'speculative_tokens'})}")
+    try:
+        config.validate_speculator()
+    except SpeculatorConfigError as err:
+        raise ConversionError(f"{label}: invalid value after --set: {err}") from err
+
+
+def bind_reference(config: Eagle3SpeculatorConfig, ctx: Any, label: str) -> None:
+    """Fill the verifier reference from `--verifier` and check it against what the draft was built for."""
+    layer = config.transformer_layer_config
+    if ctx.verifier is None:
+        return
+    ref = ctx.verifier.reference()
+    problems = []
+    if ref["vocab_size"] is not None and ref["vocab_size"] != layer.vocab_size:
+        problems.append(
+            f"vocab_size: the draft was made for a vocabulary of {layer.vocab_size} tokens, the verifier has {ref['vocab_size']}"
+        )
+    if ref["hidden_size"] is not None and ref["hidden_size"] != config.feature_size:
+        problems.append(
+            f"hidden_size: the draft's fc reads verifier states of width {config.feature_size}, the verifier's are {ref['hidden_size']}"
+        )
+    known = config.verifier
+    for name in ("num_hidden_layers", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if known.get(name) is not None and ref.get(name) is not None and known[name] != ref[name]:
+            problems.append(f"{name}: the source names {known[name]!r}, the verifier has {ref[name]!r}")
+    if problems:
+        raise ConversionError(
+            f"{label}: verifier {ctx.verifier.name_or_path or '(loaded model)'} does not match the draft:\n  "
+            + "\n  ".join(problems)
+        )
+    previous = known.get("name_or_path")
+    if previous and ref["name_or_path"] and previous != ref["name_or_path"]:
+        ctx.log(f"verifier: {previous} (from the source) replaced by {ref['name_or_path']}")
+    known.update({k: v for k, v in ref.items() if v is not None})
+
+
+def draft_facts(config: Eagle3SpeculatorConfig) -> None:
+    """Without a verifier, the reference still records what the draft itself requires of one: its
+    vocabulary and the width of the hidden states it reads (transformers' assisted generation compares
+    the vocabulary)."""
+    known = config.verifier
+    if known.get("vocab_size") is None:
+        known["vocab_size"] = config.transformer_layer_config.vocab_size
+    if known.get("hidden_size") is None:
+        known["hidden_size"] = config.feature_size
+
+
+def resolve_aux_layers(config: Eagle3SpeculatorConfig, spec: FormatSpec, label: str, log: Any) -> None:
+    layers = config.verifier.get("num_hidden_layers")
+    ids = config.eagle_aux_hidden_state_layer_ids
+    if ids is None:
+        if layers is None:
+            raise ConversionError(
+                f"{label}: the verifier layers this draft reads are not recorded "
+                f"({spec.aux_layers.why if spec.aux_layers else 'no aux layer ids'}); pass --verifier so that the "
+                "default 2, L//2, L-3 of its L layers can be recorded"
+            )
+        ids = default_aux_layer_ids(layers)
+        log(f"aux layers: verifier hidden_states {ids} (default 2, L//2, L-3 of L={layers}, made distinct)")
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ConversionError(f"{label}: aux layer ids {ids} must be distinct and non-negative")
+    if layers is not None and max(ids) >= layers:
+        raise ConversionError(
+            f"{label}: aux layer ids {ids} need hidden states the verifier's {layers} layers do not have"
+        )
+    config.eagle_aux_hidden_state_layer_ids = sorted(ids)
+
+
+def shape_environment(config: Eagle3SpeculatorConfig) -> dict[str, Any]:
+    env = dict(config.transformer_layer_config.to_dict())
+    if env.get("head_dim") is None:
+        env["head_dim"] = env["hidden_size"] // env["num_attention_heads"]
+    if env.get("num_key_value_heads") is None:
+        env["num_key_value_heads"] = env["num_attention_heads"]
+    env.update(
+        draft_vocab_size=config.draft_vocab_size,
+        target_hidden_size=config.feature_size,
+        n_aux=len(config.eagle_aux_hidden_state_layer_ids or [0, 1, 2]),
+    )
+    return env
+
+
+def map_vocab(
+    config: Eagle3SpeculatorConfig,
+    tensors: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    label: str,
+    log: Any,
+    policy: str = "drop_if_identity",
+) -> None:
+    """Keep `d2t`/`t2d` exactly when the draft vocabulary is smaller than the verifier's; with a
+    full-size draft vocabulary, identity mappings are dropped (`policy` from the spec's
+    `vocab.full_vocab_mapping`; anything else refuses them)."""
+    vd, v = config.draft_vocab_size, config.transformer_layer_config.vocab_size
+    d2t, t2d = tensors.get("d2t"), tensors.get("t2d")
+    if vd == v and (d2t is not None or t2d is not None) and policy != "drop_if_identity":
+        raise ConversionError(f"{label}: d2t/t2d present although the draft vocabulary is full-size ({vd})")
+    if vd == v:
+        if d2t is not None and bool(d2t.any()):
+            raise ConversionError(
+                f"{label}: {origin['d2t']!r} maps a full-size draft vocabulary ({vd}) to other ids; this permutation "
+                "cannot be expressed in the speculators layout (d2t is allowed only for a smaller draft vocabulary)"
+            )
+        if t2d is not None and not bool(t2d.all()):
+            raise ConversionError(
+                f"{label}: {origin['t2d']!r} excludes tokens although the draft vocabulary is full-size"
+            )
+        for name in ("d2t", "t2d"):
+            if name in tensors:
+                del tensors[name]
+                log(f"dropping {origin[name]} (identity mapping: the draft vocabulary is the verifier's)")
+        return
+    if d2t is None:
+        raise ConversionError(
+            f"{label}: the draft vocabulary ({vd}) is smaller than the verifier's ({v}) but there is no d2t tensor, "
+            "so draft ids cannot be mapped to verifier ids"
+        )
+    d2t = d2t.to(torch.long)
+    target = torch.arange(vd) + d2t
+    if int(target.min()) < 0 or int(target.max()) >= v or target.unique().numel() != vd:
+        raise ConversionError(
+            f"{label}: {origin['d2t']!r} maps draft ids to invalid or repeated verifier ids (range {int(target.min())}.."
+            f"{int(target.max())}, verifier vocab {v})"
+        )
+    derived = torch.zeros(v, dtype=torch.bool)
+    derived[target] = True
+    if t2d is not None and not torch.equal(t2d, derived):
+        raise ConversionError(
+            f"{label}: {origin['t2d']!r} disagrees with {origin['d2t']!r} (t2d[d + d2t[d]] must be the draft ids)"
+        )
+    if t2d is None:
+        log("t2d derived from d2t")
+    tensors["d2t"], tensors["t2d"] = d2t, derived
+
+
+def add_embedding(
+    config: Eagle3SpeculatorConfig,
+    tensors: dict[str, torch.Tensor],
+    spec: FormatSpec,
+    ctx: Any,
+    dtype: torch.dtype,
+    label: str,
+) -> None:
+    if EMBED in tensors:
+        return
+    if spec.embedding.when_missing != "verifier":
+        raise ConversionError(f"{label}: no {EMBED} in the checkpoint")
+    if ctx.verifier is None:
+        raise ConversionError(
+            f"{label}: the checkpoint has no {EMBED} ({spec.embedding.why}); pass --verifier ID_OR_PATH so that the "
+            "verifier's input embedding can be copied into the draft"
+        )
+    embedding = ctx.verifier.input_embedding(spec.embedding.verifier_keys)
+    layer = config.transformer_layer_config
+    want = (layer.vocab_size, layer.hidden_size)
+    if tuple(embedding.shape) != want:
+        raise ConversionError(
+            f"{label}: the verifier's input embedding has shape {tuple(embedding.shape)}, the draft needs {EMBED} of "
+            f"shape {want}"
+        )
+    name = f" {ctx.verifier.name_or_path}" if ctx.verifier.name_or_path else ""
+    cast = f" (cast from {embedding.dtype} to the draft's {dtype})" if embedding.dtype != dtype else ""
+    ctx.log(f"{EMBED} copied from the verifier{name}{cast}")
+    tensors[EMBED] = embedding.to(dtype)
+
+
+def build_model(
+    config: Eagle3SpeculatorConfig,
+    tensors: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    dtype: torch.dtype,
+    label: str,
+) -> Eagle3Speculator:
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = Eagle3Speculator(config)
+    model.to(dtype)  # type: ignore[arg-type]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    lines = [f"  missing {name}: the config needs shape {tuple(expected[name].shape)}" for name in missing]
+    lines += [f"  unexpected {origin.get(name, name)} {tuple(tensors[name].shape)}" for name in unexpected]
+    lines += [
+        f"  {origin.get(name, name)}: checkpoint shape {tuple(t.shape)}, the config needs {tuple(expected[name].shape)}"
+        for name, t in tensors.items()
+        if name in expected and t.shape != expected[name].shape
+    ]
+    if lines:
+        raise ConversionError(f"{label}: the tensors do not match the converted config:\n" + "\n".join(lines))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    return model.eval()
+
+
+def finish(
+    config: Eagle3SpeculatorConfig,
+    tensors: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    spec: FormatSpec,
+    ctx: Any,
+    label: str,
+    aux_from_source: list[int] | None = None,
+) -> Eagle3Speculator:
+    """Everything after the config mapping; see the module docstring."""
+    if EMBED not in tensors and spec.embedding.when_missing == "verifier" and ctx.verifier is None:
+        raise ConversionError(
+            f"{label}: the checkpoint has no {EMBED} ({spec.embedding.why}); pass --verifier ID_OR_PATH so that the "
+            "verifier's input embedding can be copied into the draft"
+        )
+    apply_overrides(config, ctx.overrides, label)
+    bind_reference(config, ctx, label)
+    draft_facts(config)
+    resolve_aux_layers(config, spec, label, ctx.log)
+    if aux_from_source is not None and spec.aux_layers is not None and spec.aux_layers.offset:
+        ctx.log(
+            f"aux layers: source ids {[i - spec.aux_layers.offset for i in aux_from_source]} -> verifier hidden_states "
+            f"{config.eagle_aux_hidden_state_layer_ids} ({spec.aux_layers.why})"
+        )
+    dtype = check_tensors(tensors, origin, spec.tensors, shape_environment(config), label)
+    broken = sorted(
+        origin.get(n, n) for n, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())
+    )
+    if broken:
+        ctx.log(f"warning: {label} has non-finite values (NaN/inf) in {broken}; they are copied as they are")
+    map_vocab(config, tensors, origin, label, ctx.log, spec.vocab.get("full_vocab_mapping", "error"))
+    add_embedding(config, tensors, spec, ctx, dtype, label)
+    try:
+        config.validate_speculator()
+    except SpeculatorConfigError as err:
+        raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
+    return build_model(config, tensors, origin, dtype, label)

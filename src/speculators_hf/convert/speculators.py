@@ -1,0 +1,107 @@
+"""The `speculators` 0.9 format: import (validate + rewrite as ours) and export (`--to speculators`).
+
+Import: our config loader already reads `speculators` 0.9 config.json files (no top-level model_type),
+so importing checks what `specs/speculators.yaml` requires (fields whose defaults differ between
+readers must be present), reads the tensors (the `midlayer.*` alias accepted, training-only
+`verifier_*` tensors dropped), and goes through the shared EAGLE-3 assembly.
+
+Export: our own save already is a `speculators`/vLLM checkpoint (model_type "speculators", the exact
+EAGLE-3 tensor layout, d2t exactly when the draft vocabulary is smaller, every norm flag written). The
+export re-checks all of that on the written folder, requires a verifier reference vLLM can resolve (a
+Hub id or an existing path), and adds the legacy `rope_theta`/`rope_scaling` keys to
+`transformer_layer_config` so that readers on transformers 4.x see the same RoPE. Nothing else is
+dropped: auto_map and the remote-code files are harmless to both readers (see the spec's notes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import SpeculatorConfig, SpeculatorConfigError
+from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
+from . import eagle3
+from .core import (
+    HUB_ID,
+    MISSING,
+    ConversionError,
+    FormatSpec,
+    Source,
+    get_path,
+    rename_tensors,
+    safetensors_names,
+    source_environment,
+)
+
+
+def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:
+    source.preferred_files = spec.weight_files
+    source_environment(spec.config, source.config, source.label, provided=ctx.overrides)  # `required` fields
+    try:
+        config = SpeculatorConfig.from_dict(source.config)
+    except (SpeculatorConfigError, TypeError, ValueError) as err:
+        raise ConversionError(f"{source.label}: invalid speculators config: {err}") from err
+    if not isinstance(config, Eagle3SpeculatorConfig):
+        raise ConversionError(
+            f"{source.label}: speculators_model_type {config.speculators_model_type!r} has no converter yet (eagle3 only)"
+        )
+    tensors, origin = rename_tensors(source.tensors(), spec.tensors, source.label, ctx.log)
+    return eagle3.finish(config, tensors, origin, spec, ctx, source.label)
+
+
+def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> None:
+    """Turn our freshly saved checkpoint in `folder` into the export `spec` describes, and check it."""
+    assert spec.export is not None
+    rules = spec.export
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    missing = [key for key in rules.config_must_have if get_path(config, key) is MISSING]
+    if missing:
+        raise ConversionError(f"export to {spec.name}: config.json lacks {missing}")
+    if config.get("model_type") not in rules.model_type_allowed:
+        raise ConversionError(
+            f"export to {spec.name}: model_type {config.get('model_type')!r} is not one of {rules.model_type_allowed}"
+        )
+    name = config["speculators_config"]["verifier"]["name_or_path"]
+    if not name or not (HUB_ID.match(name) or Path(name).exists()):
+        raise ConversionError(
+            f"export to {spec.name}: speculators_config.verifier.name_or_path is {name!r}; vLLM uses it verbatim "
+            "(relative to its working directory) to load the verifier, so it must be a Hub id or an existing "
+            "path. Pass --verifier ID_OR_PATH."
+        )
+    if rules.legacy_rope_keys:
+        layer = config["transformer_layer_config"]
+        rope = layer.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            layer["rope_theta"] = rope["rope_theta"]
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            layer["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    for key in rules.drop_config_keys:
+        config.pop(key, None)
+    for pattern in rules.drop_files:
+        for path in folder.glob(pattern):
+            path.unlink()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    check_layout(folder, model, spec.name)
+
+
+def check_layout(folder: Path, model: Any, target: str) -> None:
+    """The safetensors hold exactly the model's tensors (vLLM refuses extras), `d2t` exactly when the
+    draft vocabulary is smaller, and no other weight files."""
+    files = sorted(folder.glob("*.safetensors"))
+    names: set[str] = set()
+    for path in files:
+        names.update(safetensors_names(path))
+    expected = set(model.state_dict())
+    if names != expected:
+        raise ConversionError(
+            f"export to {target}: tensors differ from the EAGLE-3 layout: extra {sorted(names - expected)}, "
+            f"missing {sorted(expected - names)}"
+        )
+    smaller = model.config.draft_vocab_size < model.config.transformer_layer_config.vocab_size
+    if ("d2t" in names) != smaller:
+        raise ConversionError(f"export to {target}: d2t must be present exactly when the draft vocabulary is smaller")
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    if pickles:
+        raise ConversionError(f"export to {target}: unexpected pickle files {pickles}")

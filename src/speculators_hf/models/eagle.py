@@ -1,0 +1,307 @@
+"""EAGLE-1 (Li et al., 2024), EAGLE-2 (Li et al., 2024) and HASS (Zhang et al., 2025) drafts, in the
+research format (SafeAILab/EAGLE `eagle/model/cnets1.py`). The three share one architecture and one
+weight layout; they differ only in how the draft is used and trained:
+
+- EAGLE-1 drafts a static tree of candidates (a fixed set of top-k branches per depth);
+- EAGLE-2 grows a dynamic tree: it expands the branches of highest cumulative draft confidence;
+- HASS (harmonized speculative sampling) keeps EAGLE-2's inference and trains with harmonized
+  objective distillation and context alignment (the draft sees its own earlier predictions during
+  training, as `unrolled_features` computes).
+
+Through transformers' assisted loop (batch size 1, chains only) every one of them drafts a chain: the
+top-1 (greedy) or sampled token at each depth. Trees are for the package's own loop.
+
+The draft predicts the verifier's next feature. f_t is the verifier's post-norm last hidden state at
+position t (HF `last_hidden_state`, id `num_hidden_layers` in `output_hidden_states` numbering). One
+step, for position t:
+
+    x   = fc(cat[embed(token t+1), f_t])            (embedding first; fc has a bias unless `fc_bias=False`)
+    h   = x + attn(x)                               (no input_layernorm: research layer 0 skips it)
+    out = h + mlp(post_attention_layernorm(h))      (the predicted feature f_{t+1}; no final norm)
+    logits of token t+2 = verifier_lm_head(out)    (the verifier's own head, no norm; no draft lm_head)
+
+`out` is fed back as f for the next step. The decoder layer is llama-style whatever the verifier (the
+research code builds its own `LlamaDecoderLayer` for every verifier; a Qwen2 draft may carry q/k/v
+biases, use `layer_type="qwen2"` for those).
+
+Saved tensors are exactly the research layout: `embed_tokens.weight` [V, H], `fc.weight` [H, 2H]
+(+ `fc.bias` [H] with `fc_bias`), `layers.0.self_attn.{q,k,v,o}_proj.weight`,
+`layers.0.mlp.{gate,up,down}_proj.weight`, `layers.0.post_attention_layernorm.weight`. The verifier's
+lm_head is only referenced after `bind_verifier`, never stored. (vLLM's EAGLE-1 loader silently drops
+`fc.bias`: an export to it must warn.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
+from ..generation.capture import VerifierBindingError
+from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
+from .base import SpeculatorLoadError, SpeculatorModel
+from .eagle3 import draft_layer_config
+from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
+
+
+class EagleFields(BaseModel):
+    """pydantic schema of the EAGLE-1/2 and HASS flat config fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transformer_layer_config: dict[str, Any]
+    fc_bias: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> EagleFields:
+        if self.transformer_layer_config.get("num_hidden_layers", 1) != 1:
+            raise ValueError("transformer_layer_config.num_hidden_layers must be 1 (one EAGLE decoder layer)")
+        model_type = self.transformer_layer_config.get("model_type", "llama")
+        if model_type not in PARTS:
+            raise ValueError(
+                f"transformer_layer_config.model_type must be one of {sorted(PARTS)} (got {model_type!r}); "
+                "research EAGLE drafts are llama layers"
+            )
+        return self
+
+
+@SpeculatorConfig.register_family
+class EagleSpeculatorConfig(SpeculatorConfig):
+    """Config of an EAGLE-1 / EAGLE-2 / HASS draft; `speculators_model_type = "eagle"`."""
+
+    family = "eagle"
+    fields_schema = EagleFields
+
+    transformer_layer_config: Any = None
+    fc_bias: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.transformer_layer_config = build_layer_config(self.transformer_layer_config)
+        super().__post_init__(**kwargs)
+        if not self.architectures:
+            self.architectures = ["EagleSpeculator"]
+
+
+class EagleDecoderLayer(nn.Module):
+    """The research draft layer: a decoder layer WITHOUT input_layernorm (cnets1's layer index 0)."""
+
+    def __init__(self, layer_config: PretrainedConfig):
+        super().__init__()
+        self.self_attn = attention(layer_config, layer_idx=0)
+        self.mlp = mlp(layer_config)
+        self.post_attention_layernorm = rms_norm(layer_config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rope: nn.Module,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = hidden + attend(self.self_attn, hidden, positions, rope, cache, mask)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class EagleSpeculator(SpeculatorModel):
+    """EAGLE-1 / EAGLE-2 / HASS draft. Create one with `EagleSpeculator.from_verifier(verifier)` or load one;
+    it proposes tokens only once bound to its verifier (whose lm_head gives its logits)."""
+
+    config_class = EagleSpeculatorConfig
+    optional_weights: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: EagleSpeculatorConfig):
+        super().__init__(config)
+        layer_config = config.transformer_layer_config
+        layer_config._attn_implementation = config._attn_implementation or "sdpa"
+        hidden = layer_config.hidden_size
+        self.embed_tokens = nn.Embedding(layer_config.vocab_size, hidden)
+        self.embed_tokens.weight.requires_grad = False  # research: the verifier's embedding, frozen
+        self.fc = nn.Linear(2 * hidden, hidden, bias=config.fc_bias)
+        self.layers = nn.ModuleList([EagleDecoderLayer(layer_config)])
+        self.rotary_emb = rotary(layer_config)
+        # The verifier's lm_head, referenced by `on_bind`; a plain attribute (object.__setattr__ keeps
+        # nn.Module from registering it), so it is never moved, trained or saved with the draft.
+        object.__setattr__(self, "_verifier_head", None)
+        self._bound_layers: int | None = None
+        self.post_init()
+
+    # -- maths -------------------------------------------------------------------------------------
+    @property
+    def verifier_head(self) -> nn.Module:
+        """The bound verifier's lm_head (the draft has none of its own)."""
+        head = self.__dict__.get("_verifier_head")
+        if head is None or self._binding is None:
+            raise VerifierBindingError(
+                f"this {type(self).__name__} has no lm_head of its own: its logits are the verifier's lm_head "
+                "applied to its output. Call draft.bind_verifier(verifier) first, or load both with "
+                "speculators_hf.AutoSpeculatorForCausalLM.from_pretrained(draft_id)."
+            )
+        return head
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One draft pass: tokens [B, T] (token t+1 beside the feature of position t) and features [B, T, H]
+        -> predicted next features [B, T, H] (fed back as features, and read by the verifier's lm_head)."""
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), features.to(dtype)], dim=-1))
+        return self.layers[0](x, positions, self.rotary_emb, cache, mask)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The verifier's lm_head on draft output features [..., H] (no norm): logits [..., V]."""
+        head = self.verifier_head
+        weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        return head(features.to(device=weight.device, dtype=weight.dtype))
+
+    def unrolled_features(self, input_ids: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """HASS context alignment (EAGLE-1/2 training is `steps=1`): predicted features [B, T, H] of `steps`
+        unrolled draft steps.
+
+        `input_ids` [B, T] is x_0..x_{T-1} and `features` [B, T, H] the verifier's f_0..f_{T-1}. Row t at
+        step j stands for absolute position t + j, as at generation time: its feature input is row t's
+        output of step j-1 (the verifier's f_t at step 0), its token is x_{t+j+1}, its output predicts
+        f_{t+j+1} (logits of x_{t+j+2}), and it attends to the step-0 rows 0..t and to its own row in
+        steps 1..j. Rows past the sequence end get token 0 and must be masked out of the loss."""
+        length = input_ids.shape[1]
+        cache, hidden, outputs = DynamicCache(), features, []
+        rows = torch.arange(length, device=input_ids.device)
+        for j in range(steps):
+            tokens = nn.functional.pad(input_ids[:, j + 1 :], (0, j + 1))
+            mask = ttt_mask(length, j, self.fc.weight.dtype, input_ids.device)
+            hidden = self.step(tokens, hidden, rows + j, cache, mask)
+            outputs.append(hidden)
+        return outputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        verifier_hidden_states: list[torch.Tensor] | torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Predicted features [B, T, H] for training and tests: `input_ids[:, t]` is the token after position t,
+        `verifier_hidden_states` the verifier's post-norm last hidden states at positions 0..T-1 (a tensor or a
+        one-element list). Row t predicts f_{t+1}; `draft.logits(out)` gives the logits of the token after
+        `input_ids[:, t]` (needs a bound verifier)."""
+        if isinstance(verifier_hidden_states, (list, tuple)):
+            (verifier_hidden_states,) = verifier_hidden_states
+        positions = (
+            position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+        )
+        return self.step(input_ids, verifier_hidden_states, positions)
+
+    # -- the family contract -----------------------------------------------------------------------
+    def verifier_layer_ids(self) -> list[int]:
+        """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
+        layers = self.config.verifier.get("num_hidden_layers") or self._bound_layers
+        if layers is None:
+            raise SpeculatorConfigError(
+                "EAGLE reads the verifier's last hidden state, but speculators_config.verifier.num_hidden_layers "
+                "is unset: bind the draft to its verifier first, or record the fingerprint"
+            )
+        return [int(layers)]
+
+    def propose(
+        self,
+        state: DynamicCache,
+        input_ids: torch.LongTensor,
+        features: list[torch.Tensor],
+        start: int,
+        num_tokens: int,
+        pick: TokenPicker,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        truncate_cache(state, start)
+        n = input_ids.shape[1]
+        # first step: positions start..n-2 with the verifier's features and the tokens after them;
+        # later steps: one position, fed the draft's own predicted feature and the token it just drafted
+        inputs = {
+            "features": features[0],
+            "tokens": input_ids[:, start + 1 : n],
+            "positions": torch.arange(start, n - 1, device=input_ids.device),
+        }
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            if token is not None:
+                inputs.update(tokens=token[:, None], positions=inputs["positions"][-1:] + 1)
+            out = self.step(inputs["tokens"], inputs["features"], inputs["positions"], state)
+            inputs["features"] = out[:, -1:]
+            return expand_draft_vocab(self.logits(out[:, -1]), None, self.config.vocab_size)
+
+        return draft_chain(input_ids, num_tokens, pick, next_logits)
+
+    # -- creation from a verifier --------------------------------------------------------------------
+    @classmethod
+    def config_from_verifier(
+        cls,
+        verifier_config: PretrainedConfig,
+        fc_bias: bool = True,
+        speculative_tokens: int = 5,
+        layer_type: str = "llama",
+        **fields: Any,
+    ) -> EagleSpeculatorConfig:
+        """A one-layer draft with the verifier's widths, heads, norm eps and RoPE. `layer_type` is the decoder
+        layer's family: llama (the research drafts, for every verifier) or one of the other supported types."""
+        text = verifier_config.get_text_config()
+        config = EagleSpeculatorConfig(
+            transformer_layer_config=draft_layer_config(text, model_type=layer_type),
+            fc_bias=fc_bias,
+            **fields,
+        )
+        config.speculative_tokens = speculative_tokens
+        return config
+
+    def init_from_verifier(self, verifier: Any) -> None:
+        """Copy the verifier's input embeddings (research drafts ship a copy of them)."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(verifier.get_input_embeddings().weight)
+
+    def on_bind(self, verifier: Any) -> None:
+        text = verifier.config.get_text_config()
+        hidden = self.config.transformer_layer_config.hidden_size
+        if text.hidden_size != hidden:
+            raise VerifierBindingError(
+                f"hidden_size: the EAGLE draft reads and predicts verifier features of size {hidden}, "
+                f"verifier has hidden size {text.hidden_size}"
+            )
+        head = verifier.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if head is None or weight is None or weight.shape[-1] != hidden:
+            raise VerifierBindingError(
+                f"{type(verifier).__name__} has no lm_head over hidden size {hidden} "
+                f"(get_output_embeddings() gave {type(head).__name__}); an EAGLE draft needs the verifier's lm_head"
+            )
+        object.__setattr__(self, "_verifier_head", head)
+        self._bound_layers = text.num_hidden_layers
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Load a draft; besides missing or misshapen tensors, an unexpected one is an error too: dropping it
+        would change the maths silently (`fc.bias` under `fc_bias: false`, an `input_layernorm`, a draft
+        `lm_head` of another format)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        unexpected = sorted(info.get("unexpected_keys", []))
+        if unexpected:
+            hint = (
+                " (the checkpoint has an fc bias: set fc_bias to true in config.json)"
+                if "fc.bias" in unexpected and not model.config.fc_bias
+                else ""
+            )
+            raise SpeculatorLoadError(
+                f"{pretrained_model_name_or_path} holds tensors an EAGLE draft does not have: {', '.join(unexpected)}"
+                f"{hint}. Ignoring them would change the draft's maths; convert the checkpoint with "
+                "`speculators-hf convert` or fix its config."
+            )
+        model.embed_tokens.weight.requires_grad_(False)  # loading hands back fresh, trainable parameters
+        return (model, info) if want_info else model
