@@ -163,3 +163,10 @@ def test_unrolled_training_steps_match_generation():
         for j in range(3):
             expected = sh.generation.expand_draft_vocab(unrolled[j][:, t], draft.d2t, 96)
             torch.testing.assert_close(scores[j], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_stays_frozen_after_loading(tmp_path):
+    sh.Eagle3Speculator.from_verifier(make_verifier()).save_pretrained(tmp_path)
+    loaded = sh.Eagle3Speculator.from_pretrained(tmp_path)
+    assert not loaded.embed_tokens.weight.requires_grad
+    assert loaded.fc.weight.requires_grad

@@ -203,6 +203,14 @@ class Eagle3Speculator(SpeculatorModel):
             self.d2t = None
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """As the base class; loading creates fresh parameters, so the frozen embedding is re-applied."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.embed_tokens.weight.requires_grad_(model.config.embed_requires_grad)
+        return loaded
+
     # -- maths -------------------------------------------------------------------------------------
     def project(self, features: list[torch.Tensor]) -> torch.Tensor:
         """fc over the verifier's aux hidden states (one [B, T, Ht] tensor per layer id, ascending)."""
