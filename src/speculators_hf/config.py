@@ -166,12 +166,23 @@ class SpeculatorConfig(PretrainedConfig):
                 self.fields_schema.model_validate(values)
             except ValidationError as err:
                 problems.append(format_validation_error(err))
+        limit = self.max_speculative_tokens
+        if not problems and limit is not None and self.speculative_tokens > limit:
+            problems.append(
+                f"  speculators_config.proposal_methods.speculative_tokens: {self.speculative_tokens} exceeds {limit}, "
+                f"the number of heads (a {self.family} draft proposes at most one token per head; vLLM refuses more)"
+            )
         if problems:
             raise SpeculatorConfigError(
                 f"Invalid {type(self).__name__} ({self.speculators_model_type or 'unknown family'}):\n"
                 + "\n".join(problems)
                 + "\nFix these fields in config.json (or the arguments) and load again."
             )
+
+    @property
+    def max_speculative_tokens(self) -> int | None:
+        """The longest chain the family can draft (one token per head for head-based drafts), or None."""
+        return None
 
     # -- verifier reference ------------------------------------------------------------------------
     @property

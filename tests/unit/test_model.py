@@ -263,3 +263,15 @@ def test_expand_draft_vocab_maps_ids():
     full = expand_draft_vocab(torch.tensor([[1.0, 2.0, 3.0]]), d2t, 8)
     assert full[0, [2, 3, 7]].tolist() == [1.0, 2.0, 3.0]
     assert torch.isinf(full[0, [0, 1, 4, 5, 6]]).all()
+
+
+def test_unexpected_tensor_is_an_error_for_every_family(tmp_path):
+    """A tensor the config does not describe would be dropped silently by transformers: refuse it."""
+    verifier = make_verifier()
+    for _, model_class in FAMILIES:
+        folder = tmp_path / model_class.__name__
+        model_class.from_verifier(verifier).save_pretrained(folder)
+        weights = load_file(folder / "model.safetensors")
+        save_file({**weights, "extra.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(sh.SpeculatorLoadError, match=r"unexpected extra\.weight"):
+            model_class.from_pretrained(folder)

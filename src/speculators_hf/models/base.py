@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, tokenizer_hash, verifier_fingerprint
+from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
 from ..generation.sampling import TokenPicker
 from ..generation.session import DraftSession
@@ -63,6 +63,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         # Plain attributes (not submodules): the verifier is never part of the draft's state dict.
         self._binding: dict[str, Any] | None = None
+        self._verifier_layers: int | None = None  # num_hidden_layers of the bound verifier
         self._last_stats = GenerationStats()
 
     # ---------------------------------------------------------------------------------------------
@@ -105,6 +106,21 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
 
     def on_bind(self, verifier: PreTrainedModel) -> None:
         """Check family-specific compatibility and keep references to verifier parts the draft uses."""
+
+    def load_error_hint(self, unexpected: list[str]) -> str:
+        """A family-specific line (ending in a newline) explaining unexpected tensors, or ""."""
+        return ""
+
+    def last_hidden_layer_ids(self) -> list[int]:
+        """`verifier_layer_ids` of drafts that read the verifier's post-norm last hidden state (id
+        `num_hidden_layers` in `output_hidden_states` numbering), from the fingerprint or the bound verifier."""
+        layers = self.config.verifier.get("num_hidden_layers") or self._verifier_layers
+        if layers is None:
+            raise SpeculatorConfigError(
+                f"{type(self).__name__} reads the verifier's last hidden state, but speculators_config.verifier."
+                "num_hidden_layers is unset: bind the draft to its verifier first, or record the fingerprint"
+            )
+        return [int(layers)]
 
     # ---------------------------------------------------------------------------------------------
     # construction and binding
@@ -159,6 +175,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         """Attach the draft to `verifier`: check the fingerprint, install the hidden-state hooks and the
         generation settings. Returns the draft, so `draft = X.from_pretrained(...).bind_verifier(v)` works."""
         self.check_verifier(verifier, tokenizer)
+        self._verifier_layers = verifier.config.get_text_config().num_hidden_layers
         self.on_bind(verifier)
         self.unbind_verifier()
         tap = VerifierTap(verifier, self.verifier_layer_ids())
@@ -291,18 +308,23 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         model, info = loaded
         missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
         mismatched = sorted(info.get("mismatched_keys", []))
-        if missing or mismatched:
+        # An unexpected tensor is an error too: dropping it would change the maths silently (an fc bias
+        # under `fc_bias: false`, a norm or head of another format).
+        unexpected = sorted(info.get("unexpected_keys", []))
+        if missing or mismatched or unexpected:
             expected = model.state_dict()
             lines = [f"  missing {k}: expected shape {tuple(expected[k].shape)}" for k in missing if k in expected]
             lines += [
                 f"  {key}: checkpoint has shape {tuple(got)}, config expects {tuple(want)}"
                 for key, got, want in mismatched
             ]
+            lines += [f"  unexpected {k}: this {cls.__name__} config has no such tensor" for k in unexpected]
             raise SpeculatorLoadError(
                 f"{pretrained_model_name_or_path} does not hold the weights its config describes:\n"
                 + "\n".join(lines)
                 + "\n"
-                "The checkpoint is incomplete or was written for another config; re-download it or convert it with "
-                "`speculators-hf convert`."
+                + model.load_error_hint(unexpected)
+                + "The checkpoint is incomplete or was written for another config; re-download it, fix its config or "
+                "convert it with `speculators-hf convert`."
             )
         return (model, info) if want_info else model

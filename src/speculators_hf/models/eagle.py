@@ -40,10 +40,10 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
+from ..config import SpeculatorConfig, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
-from .base import SpeculatorLoadError, SpeculatorModel
+from .base import SpeculatorModel
 from .eagle3 import draft_layer_config
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
 
@@ -127,7 +127,6 @@ class EagleSpeculator(SpeculatorModel):
         # The verifier's lm_head, referenced by `on_bind`; a plain attribute (object.__setattr__ keeps
         # nn.Module from registering it), so it is never moved, trained or saved with the draft.
         object.__setattr__(self, "_verifier_head", None)
-        self._bound_layers: int | None = None
         self.post_init()
 
     # -- maths -------------------------------------------------------------------------------------
@@ -203,13 +202,7 @@ class EagleSpeculator(SpeculatorModel):
     # -- the family contract -----------------------------------------------------------------------
     def verifier_layer_ids(self) -> list[int]:
         """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
-        layers = self.config.verifier.get("num_hidden_layers") or self._bound_layers
-        if layers is None:
-            raise SpeculatorConfigError(
-                "EAGLE reads the verifier's last hidden state, but speculators_config.verifier.num_hidden_layers "
-                "is unset: bind the draft to its verifier first, or record the fingerprint"
-            )
-        return [int(layers)]
+        return self.last_hidden_layer_ids()
 
     def propose(
         self,
@@ -281,27 +274,16 @@ class EagleSpeculator(SpeculatorModel):
                 f"(get_output_embeddings() gave {type(head).__name__}); an EAGLE draft needs the verifier's lm_head"
             )
         object.__setattr__(self, "_verifier_head", head)
-        self._bound_layers = text.num_hidden_layers
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def load_error_hint(self, unexpected: list[str]) -> str:
+        if "fc.bias" in unexpected and not self.config.fc_bias:
+            return "The checkpoint has an fc bias: set fc_bias to true in config.json.\n"
+        return ""
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Load a draft; besides missing or misshapen tensors, an unexpected one is an error too: dropping it
-        would change the maths silently (`fc.bias` under `fc_bias: false`, an `input_layernorm`, a draft
-        `lm_head` of another format)."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        unexpected = sorted(info.get("unexpected_keys", []))
-        if unexpected:
-            hint = (
-                " (the checkpoint has an fc bias: set fc_bias to true in config.json)"
-                if "fc.bias" in unexpected and not model.config.fc_bias
-                else ""
-            )
-            raise SpeculatorLoadError(
-                f"{pretrained_model_name_or_path} holds tensors an EAGLE draft does not have: {', '.join(unexpected)}"
-                f"{hint}. Ignoring them would change the draft's maths; convert the checkpoint with "
-                "`speculators-hf convert` or fix its config."
-            )
         model.embed_tokens.weight.requires_grad_(False)  # loading hands back fresh, trainable parameters
         return (model, info) if want_info else model

@@ -111,15 +111,9 @@ class MLPSpeculatorConfig(SpeculatorConfig):
         if not self.architectures:
             self.architectures = ["MLPSpeculator"]
 
-    def validate_speculator(self) -> None:
-        super().validate_speculator()
-        if self.speculative_tokens > self.n_predict:
-            raise SpeculatorConfigError(
-                f"Invalid {type(self).__name__} (mlp_speculator):\n"
-                f"  speculators_config.proposal_methods.speculative_tokens: {self.speculative_tokens} exceeds "
-                f"n_predict={self.n_predict} (an MLP speculator drafts at most one token per head; vLLM refuses more)\n"
-                "Set speculative_tokens <= n_predict."
-            )
+    @property
+    def max_speculative_tokens(self) -> int | None:
+        return self.n_predict if isinstance(self.n_predict, int) and self.n_predict > 0 else None
 
     @property
     def inner_size(self) -> int:
@@ -176,7 +170,6 @@ class MLPSpeculator(SpeculatorModel):
             self.ln = nn.ModuleList(MLPSpeculatorNorm(inner) for _ in range(n))
         self.ln0 = MLPSpeculatorNorm(emb_dim, affine=False) if config.scale_input else None
         self.activation = nn.GELU()  # exact (erf) gelu, as nn.GELU() in the references
-        self._bound_layers: int | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -231,13 +224,7 @@ class MLPSpeculator(SpeculatorModel):
     # -- the family contract -----------------------------------------------------------------------
     def verifier_layer_ids(self) -> list[int]:
         """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
-        layers = self.config.verifier.get("num_hidden_layers") or self._bound_layers
-        if layers is None:
-            raise SpeculatorConfigError(
-                "the MLP speculator reads the verifier's last hidden state, but speculators_config.verifier."
-                "num_hidden_layers is unset: bind the draft to its verifier first, or record the fingerprint"
-            )
-        return [int(layers)]
+        return self.last_hidden_layer_ids()
 
     def new_draft_state(self) -> dict[str, torch.Tensor]:
         """No cache: only the newest verifier hidden state, kept under "hidden"."""
@@ -310,7 +297,6 @@ class MLPSpeculator(SpeculatorModel):
                 f"emb_dim: the MLP speculator reads verifier hidden states of size {self.config.emb_dim}, "
                 f"verifier has hidden size {text.hidden_size}"
             )
-        self._bound_layers = text.num_hidden_layers
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
