@@ -238,6 +238,56 @@ def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):
         )
 
 
+class Replay:
+    """A picker that feeds recorded tokens (a [k] or [1, k] tensor) as the draft's choices and keeps the
+    scores the draft computes now, so a proposal can be recomputed along a known path."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = list(tokens.reshape(-1))
+
+    def __call__(self, input_ids, logits):
+        return self.tokens.pop(0)[None], logits.float()
+
+
+def assert_rounds_match_recomputation(
+    verifier, draft, n_prompts: int = 4, max_new_tokens: int = 24, min_accepted: int = 10, min_rounds: int = 10
+) -> None:
+    """Every round's proposals (kept state, only the newly verified features) equal drafting from scratch
+    on the full prefix. The verifier is flattened and sampled from, so many draft tokens are accepted
+    and rounds with 0..k accepted tokens all occur."""
+    with torch.no_grad():
+        for p in verifier.parameters():
+            p.mul_(0.6)
+    rounds, original = [], draft.propose
+
+    def recording(state, input_ids, features, start, num_tokens, pick):
+        tokens, scores = original(state, input_ids, features, start, num_tokens, pick)
+        rounds.append((input_ids.clone(), tokens.clone(), [s.clone() for s in scores]))
+        return tokens, scores
+
+    draft.propose = recording
+    accepted = 0
+    try:
+        for seed, prompt in enumerate(make_prompts(n_prompts, seed=11)):
+            torch.manual_seed(seed)
+            verifier.generate(
+                prompt, max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0, assistant_model=draft
+            )
+            accepted += draft.generation_stats.accepted_tokens
+    finally:
+        draft.propose = original
+    assert accepted >= min_accepted and len(rounds) >= min_rounds, (accepted, len(rounds))
+    for input_ids, tokens, scores in rounds:
+        features = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
+        with torch.no_grad():
+            ref_tokens, ref_scores = draft.propose(
+                draft.new_draft_state(), input_ids, features, 0, tokens.shape[1], Replay(tokens)
+            )
+        assert torch.equal(tokens, ref_tokens)
+        for a, b in zip(scores, ref_scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path) -> None:
     """A folder as a downloaded Hub repo in `cache_dir` (for HF_HUB_OFFLINE=1 loading by repo id)."""
     from speculators_hf.loading import save_to_hub_cache

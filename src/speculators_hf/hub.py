@@ -145,9 +145,7 @@ FAMILY_DETAILS: dict[str, tuple[tuple[str, str], ...]] = {
         ("`norm_before_residual`", "norm_before_residual"),
     ),
     "medusa": (
-        ("heads (`num_heads`)", "num_heads"),
         ("heads (`medusa_num_heads`)", "medusa_num_heads"),
-        ("residual blocks per head (`num_hidden_layers`)", "num_hidden_layers"),
         ("residual blocks per head (`medusa_num_layers`)", "medusa_num_layers"),
     ),
     "mlp_speculator": (
@@ -164,21 +162,12 @@ FAMILY_DETAILS: dict[str, tuple[tuple[str, str], ...]] = {
 def vllm_tensor_name(family: str, name: str) -> str:
     """The name tensor `name` of a `family` draft has in the checkpoint vLLM (or `speculators`) loads.
 
-    eagle3: vLLM reads this checkpoint as is. mlp_speculator: the same names (vLLM strips the
-    `speculator.` prefix of the fms-extras copies). independent: the inner LM's own checkpoint, without
-    the `model.` prefix. medusa: vLLM's `blocks.{i}.layers.{j}.*` / `lm_heads.{i}.weight` for the
-    research layout (`medusa_head.{i}.{j}.linear.*`, `medusa_head.{i}.{n}.weight`). Anything else is
-    returned unchanged.
+    eagle3: vLLM reads this checkpoint as is. mlp_speculator and medusa: the same names (vLLM strips the
+    `speculator.` prefix of the fms-extras copies; our Medusa tensors carry vLLM's Medusa names).
+    independent: the inner LM's own checkpoint, without the `model.` prefix.
     """
     if family == "independent" and name.startswith("model."):
         return name[len("model.") :]
-    if family == "medusa":
-        match = re.fullmatch(r"(?:medusa_head\.)?(\d+)\.(\d+)\.linear\.(weight|bias)", name)
-        if match:
-            return f"blocks.{match[1]}.layers.{match[2]}.{match[3]}"
-        match = re.fullmatch(r"(?:medusa_head\.)?(\d+)\.\d+\.weight", name)
-        if match:
-            return f"lm_heads.{match[1]}.weight"
     return name
 
 

@@ -190,14 +190,19 @@ def test_bad_train_config():
         TrainConfig(output_dir="x", learning_rate=0)
 
 
-@pytest.mark.parametrize("family", ["eagle", "mlp_speculator"])
+@pytest.mark.parametrize("family", ["eagle", "mlp_speculator", "medusa"])
 def test_other_families_train(setup, tmp_path, family):
-    """EAGLE-1/HASS (feature regression + 0.1 CE) and MLP-speculator (per-head CE) losses fall."""
+    """EAGLE-1/HASS (feature regression + 0.1 CE), MLP-speculator and Medusa (per-head CE) losses fall and
+    acceptance rises."""
     verifier, ids, mask, held_out = setup
-    draft_class = {"eagle": sh.EagleSpeculator, "mlp_speculator": sh.MLPSpeculator}[family]
-    draft = draft_class.from_verifier(verifier)
+    draft_class = {"eagle": sh.EagleSpeculator, "mlp_speculator": sh.MLPSpeculator, "medusa": sh.MedusaSpeculator}
+    draft = draft_class[family].from_verifier(verifier, speculative_tokens=3)
+    before = measure_acceptance(verifier, draft, held_out, 32).tau
     config = TrainConfig(output_dir=str(tmp_path), steps=120, batch_size=8, learning_rate=3e-3, log_every=20)
-    result = train(draft, verifier, DraftDataset(ids, mask), config, eval_prompts=held_out[:4])
+    result = train(draft, verifier, DraftDataset(ids, mask), config, eval_prompts=held_out)
     assert result["history"][-1]["loss"] < 0.9 * result["history"][0]["loss"]
+    after = result["evals"][-1]["tau"]
+    print(f"{family} tau on held-out prompts: {before:.2f} untrained -> {after:.2f} after 120 steps")
+    assert after > before + 0.2
     loaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).bind_verifier(verifier)
     assert_greedy_exact(verifier, loaded, held_out[:4], max_new_tokens=16)

@@ -137,7 +137,7 @@ def test_trust_remote_code_with_package_installed(tmp_path):
 def test_unrolled_training_steps_match_generation():
     """Step j of the training-time-test unroll at row t equals draft step j at generation time after
     the prefix x_0..x_{t+1} when the draft is fed the true tokens: training and inference share the math."""
-    from conftest import verifier_features
+    from conftest import Replay, verifier_features
 
     verifier = make_verifier()
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
@@ -146,13 +146,6 @@ def test_unrolled_training_steps_match_generation():
     features = verifier_features(verifier, ids, draft.verifier_layer_ids())
     with torch.no_grad():
         unrolled = draft.unrolled_logits(ids, features, steps=3)
-
-    class Replay:  # feeds the true next tokens, keeps the draft's raw scores
-        def __init__(self, tokens):
-            self.tokens = list(tokens)
-
-        def __call__(self, input_ids, logits):
-            return self.tokens.pop(0)[None], logits
 
     for t in (0, 4, 7):
         prefix = ids[:, : t + 2]  # positions 0..t verified, x_{t+1} is the newest token

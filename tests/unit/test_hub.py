@@ -59,20 +59,11 @@ def stub_config(family: str, **fields) -> dict:
 
 
 def draft_source(family: str):
-    """A real draft where the family is registered in this checkout, a stub config otherwise."""
+    """A real, untrained draft of `family` for the named verifier."""
     if family == "eagle3":
         return sh.Eagle3Speculator.from_verifier(named_verifier(), draft_vocab_size=64)
-    if family == "independent":
-        return sh.IndependentSpeculator.from_verifier(named_verifier())
     registered = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}
-    if family in registered:
-        return registered[family].from_verifier(named_verifier())
-    fields = {
-        "eagle": {"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1}, "draft_vocab_size": 96},
-        "medusa": {"num_heads": 3, "num_hidden_layers": 1},
-        "mlp_speculator": {"n_predict": 3, "emb_dim": 32, "inner_dim": 0, "tie_weights": False},
-    }[family]
-    return stub_config(family, **fields)
+    return registered[family].from_verifier(named_verifier())
 
 
 def front_matter(text: str) -> dict:
@@ -277,8 +268,7 @@ def test_vllm_tensor_names():
     assert hub.vllm_tensor_name("independent", "model.model.layers.0.mlp.up_proj.weight") == (
         "model.layers.0.mlp.up_proj.weight"
     )
-    assert hub.vllm_tensor_name("medusa", "medusa_head.2.0.linear.bias") == "blocks.2.layers.0.bias"
-    assert hub.vllm_tensor_name("medusa", "medusa_head.2.1.weight") == "lm_heads.2.weight"
+    assert hub.vllm_tensor_name("medusa", "blocks.2.layers.0.bias") == "blocks.2.layers.0.bias"
     assert hub.vllm_tensor_name("mlp_speculator", "emb.0.weight") == "emb.0.weight"
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import (
     VOCAB,
+    Replay,
     assert_greedy_exact,
+    assert_rounds_match_recomputation,
     assert_sampling_exact,
     fresh_proposals,
     make_prompts,
@@ -37,16 +39,6 @@ def new_draft(verifier, **overrides) -> MLPSpeculator:
 
 def comparable(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
-
-
-class Replay:
-    """Feeds recorded tokens as the draft's picks and keeps the draft's raw scores."""
-
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
-
-    def __call__(self, input_ids, logits):
-        return self.tokens.pop(0)[None], logits.float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,33 +257,8 @@ def test_sampling_follows_verifier_distribution():
 def test_rounds_match_drafting_from_scratch():
     """Each round reads only the newly verified states; its proposals equal drafting from the full prefix."""
     verifier = make_verifier()
-    with torch.no_grad():
-        for p in verifier.parameters():
-            p.mul_(0.6)  # a flatter verifier: random draft tokens get accepted, so rounds vary in length
     draft = new_draft(verifier, n_predict=3, tie_weights=True)
-    rounds, original = [], draft.propose
-
-    def recording(state, input_ids, features, start, num_tokens, pick):
-        tokens, scores = original(state, input_ids, features, start, num_tokens, pick)
-        rounds.append((input_ids.clone(), tokens.clone(), [s.clone() for s in scores]))
-        return tokens, scores
-
-    draft.propose = recording
-    accepted = 0
-    for seed, prompt in enumerate(make_prompts(3, seed=11)):
-        torch.manual_seed(seed)
-        verifier.generate(prompt, max_new_tokens=16, do_sample=True, top_k=0, top_p=1.0, assistant_model=draft)
-        accepted += draft.generation_stats.accepted_tokens
-    draft.propose = original
-    assert accepted > 0 and len(rounds) > 5
-    for input_ids, tokens, scores in rounds:
-        features = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
-        with torch.no_grad():
-            _, ref_scores = draft.propose(
-                draft.new_draft_state(), input_ids, features, 0, tokens.shape[1], Replay(tokens[0])
-            )
-        for a, b in zip(scores, ref_scores):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_rounds_match_recomputation(verifier, draft, n_prompts=3, max_new_tokens=16, min_accepted=1, min_rounds=5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ from .base import SpeculatorLoadError, SpeculatorModel, is_speculator
 from .eagle import EagleSpeculator, EagleSpeculatorConfig
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .independent import IndependentSpeculator, IndependentSpeculatorConfig
+from .medusa import MedusaSpeculator, MedusaSpeculatorConfig
 from .mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
 # (config class, model class) of every family, in the order they are documented.
 FAMILIES: list[tuple[Any, Any]] = [
     (Eagle3SpeculatorConfig, Eagle3Speculator),
     (EagleSpeculatorConfig, EagleSpeculator),
+    (MedusaSpeculatorConfig, MedusaSpeculator),
     (MLPSpeculatorConfig, MLPSpeculator),
     (IndependentSpeculatorConfig, IndependentSpeculator),
 ]
@@ -26,6 +28,8 @@ __all__ = [
     "IndependentSpeculatorConfig",
     "MLPSpeculator",
     "MLPSpeculatorConfig",
+    "MedusaSpeculator",
+    "MedusaSpeculatorConfig",
     "SpeculatorLoadError",
     "SpeculatorModel",
     "is_speculator",

@@ -1,0 +1,202 @@
+"""Medusa heads (Cai et al. 2024, FasterDecoding/Medusa; vLLM `medusa`): Medusa-1 and Medusa-2 drafts.
+
+Head i reads the verifier's post-norm last hidden state h_t at position t and predicts x_{t+i+2}
+(the verifier's own head already gives x_{t+1}):
+
+    block_i(h) = for each of its `medusa_num_layers` layers: h = h + silu(linear(h))   (linear has a bias)
+    logits_i   = lm_heads[i](block_i(h_t))                                            (no bias, [V, H])
+
+The heads never see drafted tokens, so a chain of k <= `medusa_num_heads` tokens costs one small matmul
+per head. Medusa-1 (heads trained on a frozen verifier) and Medusa-2 (heads trained jointly with a
+fine-tuned verifier) share this layout; Medusa-2 simply binds to its fine-tuned verifier.
+
+Saved tensors use vLLM's Medusa names: `blocks.{i}.layers.{j}.weight` [H, H], `blocks.{i}.layers.{j}.bias`
+[H] and `lm_heads.{i}.weight` [V, H]. The vocabulary is the verifier's (`vocab_size`, from the
+fingerprint). A new draft starts as Medusa does: every lm_head a copy of the verifier's, every block
+the identity (zero weights and biases).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt
+from torch import nn
+from transformers import PretrainedConfig
+from transformers import initialization as init
+
+from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculators_config
+from ..generation.capture import VerifierBindingError
+from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
+from .base import SpeculatorModel
+
+DEFAULT_HEADS = 5  # the published Medusa heads (Vicuna/Zephyr) hold five
+
+
+class MedusaFields(BaseModel):
+    """pydantic schema of the Medusa flat config fields (the research names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: PositiveInt
+    medusa_num_heads: PositiveInt
+    medusa_num_layers: PositiveInt = 1
+
+
+@SpeculatorConfig.register_family
+class MedusaSpeculatorConfig(SpeculatorConfig):
+    """Config of Medusa heads; `speculators_model_type = "medusa"`. `hidden_size` is the verifier's, and
+    the draft length defaults to the number of heads."""
+
+    family = "medusa"
+    fields_schema = MedusaFields
+
+    hidden_size: int = 4096
+    medusa_num_heads: int = DEFAULT_HEADS
+    medusa_num_layers: int = 1
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        valid = isinstance(self.medusa_num_heads, int) and self.medusa_num_heads > 0
+        if self.speculators_config is None:
+            self.speculators_config = default_speculators_config(self.family, self.medusa_num_heads if valid else 1)
+        super().__post_init__(**kwargs)
+        if not self.architectures:
+            self.architectures = ["MedusaSpeculator"]
+
+    @property
+    def max_speculative_tokens(self) -> int | None:
+        valid = isinstance(self.medusa_num_heads, int) and self.medusa_num_heads > 0
+        return self.medusa_num_heads if valid else None
+
+
+class MedusaBlock(nn.Module):
+    """A head's stack of residual SiLU layers: h = h + silu(W h + b), `num_layers` times."""
+
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+        self.activation = nn.SiLU()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = hidden + self.activation(layer(hidden))
+        return hidden
+
+
+class MedusaSpeculator(SpeculatorModel):
+    """Medusa heads. Create them with `MedusaSpeculator.from_verifier(verifier)` or load a checkpoint."""
+
+    config_class = MedusaSpeculatorConfig
+
+    def __init__(self, config: MedusaSpeculatorConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise SpeculatorConfigError(
+                "MedusaSpeculatorConfig has no vocabulary size: set speculators_config.verifier.vocab_size (the "
+                "verifier's), or build the config with MedusaSpeculator.config_for(verifier)"
+            )
+        hidden, heads = config.hidden_size, config.medusa_num_heads
+        self.blocks = nn.ModuleList(MedusaBlock(hidden, config.medusa_num_layers) for _ in range(heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden, config.vocab_size, bias=False) for _ in range(heads))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random N(0, 0.02) weights and zero biases; `init_from_verifier` gives Medusa's own start."""
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    # -- maths -------------------------------------------------------------------------------------
+    def head_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head `index` on verifier hidden states [..., H] -> logits [..., V]."""
+        return self.lm_heads[index](self.blocks[index](hidden.to(self.lm_heads[index].weight.dtype)))
+
+    def forward(self, verifier_hidden_states: torch.Tensor | list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        """Logits of every head, for training and tests: [heads, B, T, V]. `verifier_hidden_states` [B, T, H]
+        (or a one-element list) are the verifier's post-norm last hidden states; row t of head i predicts
+        x_{t+i+2}."""
+        hidden = verifier_hidden_states[0] if isinstance(verifier_hidden_states, list) else verifier_hidden_states
+        return torch.stack([self.head_logits(i, hidden) for i in range(self.config.medusa_num_heads)])
+
+    # -- the family contract -----------------------------------------------------------------------
+    def verifier_layer_ids(self) -> list[int]:
+        """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
+        return self.last_hidden_layer_ids()
+
+    def new_draft_state(self) -> dict[str, torch.Tensor]:
+        """No cache: only the newest verifier hidden state, kept under "hidden"."""
+        return {}
+
+    def propose(
+        self,
+        state: dict[str, torch.Tensor],
+        input_ids: torch.LongTensor,
+        features: list[torch.Tensor],
+        start: int,
+        num_tokens: int,
+        pick: TokenPicker,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The newest token x_{n-1} came from the verifier's state at n-2 (the last feature), so head i
+        on that state drafts x_{n+i}. At most `medusa_num_heads` tokens."""
+        if features and features[0].shape[1]:
+            state["hidden"] = features[0][:, -1:]
+        if "hidden" not in state:
+            raise VerifierBindingError(
+                "Medusa heads have no verifier hidden state to start from; the verifier must run before the "
+                "draft, as transformers' assisted generation does"
+            )
+        hidden, head = state["hidden"], 0
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            nonlocal head
+            logits = self.head_logits(head, hidden)[:, -1]
+            head += 1
+            return expand_draft_vocab(logits, None, self.config.vocab_size)
+
+        return draft_chain(input_ids, min(num_tokens, self.config.medusa_num_heads), pick, next_logits)
+
+    # -- creation from a verifier --------------------------------------------------------------------
+    @classmethod
+    def config_from_verifier(
+        cls,
+        verifier_config: PretrainedConfig,
+        medusa_num_heads: int | None = None,
+        medusa_num_layers: int = 1,
+        speculative_tokens: int | None = None,
+        **fields: Any,
+    ) -> MedusaSpeculatorConfig:
+        """hidden_size = the verifier's; one head per draft token: `medusa_num_heads` defaults to
+        `speculative_tokens` when that is given, else 5 (the published heads), and the draft length to it."""
+        text = verifier_config.get_text_config()
+        heads = medusa_num_heads or speculative_tokens or DEFAULT_HEADS
+        config = MedusaSpeculatorConfig(
+            hidden_size=text.hidden_size,
+            medusa_num_heads=heads,
+            medusa_num_layers=medusa_num_layers,
+            **{"vocab_size": text.vocab_size, **fields},  # the verifier's vocabulary (fingerprint)
+        )
+        if speculative_tokens is not None:
+            config.speculative_tokens = speculative_tokens
+        return config
+
+    @torch.no_grad()
+    def init_from_verifier(self, verifier: Any) -> None:
+        """Medusa's start: each lm_head a copy of the verifier's, each block the identity."""
+        head = verifier.get_output_embeddings()
+        if head is not None and tuple(head.weight.shape) == tuple(self.lm_heads[0].weight.shape):
+            for lm_head in self.lm_heads:
+                lm_head.weight.copy_(head.weight)
+        for block in self.blocks:
+            for layer in block.layers:
+                layer.weight.zero_()
+                layer.bias.zero_()
+
+    def on_bind(self, verifier: Any) -> None:
+        text = verifier.config.get_text_config()
+        if text.hidden_size != self.config.hidden_size:
+            raise VerifierBindingError(
+                f"hidden_size: the Medusa heads read verifier hidden states of size {self.config.hidden_size}, "
+                f"verifier has hidden size {text.hidden_size}"
+            )
