@@ -1,6 +1,6 @@
 """Zoo step 2: drafts for the zoo verifier, trained on text the verifier itself generates.
 
-    python benchmarks/zoo/build_drafts.py --work benchmarks/zoo/work [--families eagle3,independent]
+    python benchmarks/zoo/build_drafts.py --work benchmarks/zoo/work [--families eagle3,eagle,medusa,...]
 
 1. Prompts: random windows of the training corpus; the verifier continues each greedily (batched),
    which is the text the drafts must learn to predict. Held-out prompts (from held-out documents)
@@ -41,10 +41,13 @@ ZOO = Path(__file__).resolve().parent
 VERIFIER_ID = "speculators-hf/zoo-verifier"
 EVAL_PROMPTS = 24
 
-# family -> (constructor keyword arguments, training settings)
+# family -> (constructor keyword arguments, training settings); sized for about an hour on 2 CPU cores
 RECIPES = {
-    "eagle3": ({"draft_vocab_size": 2048}, {"steps": 3000, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 5}),
-    "independent": ({}, {"steps": 2500, "batch_size": 8, "learning_rate": 2e-3}),
+    "eagle3": ({"draft_vocab_size": 2048}, {"steps": 1200, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 3}),
+    "eagle": ({}, {"steps": 600, "batch_size": 8, "learning_rate": 2e-3}),
+    "medusa": ({"medusa_num_heads": 4}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
+    "mlp_speculator": ({"n_predict": 3}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
+    "independent": ({}, {"steps": 1000, "batch_size": 8, "learning_rate": 2e-3}),
 }
 
 
@@ -83,7 +86,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=160)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps")
     parser.add_argument("--publish", action="store_true", help="only publish what is trained to benchmarks/zoo")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.publish:
         publish(args.work, args.families.split(","))
         return
@@ -114,7 +120,7 @@ def main() -> None:
             print(f"{family}: already trained")
             continue
         ctor, settings = RECIPES[family]
-        draft_class = {"eagle3": sh.Eagle3Speculator, "independent": sh.IndependentSpeculator}[family]
+        draft_class = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}[family]
         draft = draft_class.from_verifier(verifier, **ctor)
         if getattr(draft, "d2t", None) is not None:
             select_draft_vocab(draft, input_ids, loss_mask)

@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.draft:
         draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
     else:
+        torch.manual_seed(args.seed if args.seed is not None else 0)  # the same new draft in every process and run
         draft = _new_draft(args.family, verifier, args.draft_vocab_size, args.speculative_tokens)
         if getattr(draft, "d2t", None) is not None:
             select_draft_vocab(draft, train_ids, train_mask)

@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
 
     output_dir: str
     steps: PositiveInt = 1000
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = Field(default=8, description="blocks per process and micro-step")
     grad_accum: PositiveInt = 1
     learning_rate: float = Field(default=3e-4, gt=0)
     weight_decay: NonNegativeFloat = 0.0
@@ -134,7 +134,10 @@ def train(
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # The scheduler stays ours (stepped once per optimizer step, checkpointed with the state): accelerate's
+    # wrapper would step it once per process, so the schedule would depend on the number of processes.
+    module, optimizer = accelerator.prepare(module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     verifier.eval().requires_grad_(False)
     layer_ids = draft.verifier_layer_ids()
 
@@ -145,7 +148,8 @@ def train(
         state = json.loads((checkpoint / STATE_FILE).read_text())
         start, history, evals = state["step"], state["history"], state["evals"]
         accelerator.print(f"resuming from {checkpoint} (step {start})")
-    (output / "train_config.json").write_text(config.model_dump_json(indent=2))
+    if accelerator.is_main_process:
+        (output / "train_config.json").write_text(config.model_dump_json(indent=2))
 
     def evaluate(step: int) -> None:
         if eval_prompts:
@@ -167,9 +171,10 @@ def train(
     t0 = time.perf_counter()
     for step in range(start, config.steps):
         for micro in range(config.grad_accum):
-            items = [
-                dataset[i] for i in batch_indices(n, config.batch_size, step * config.grad_accum + micro, config.seed)
-            ]
+            # process r of w takes micro-batch (global index) * w + r of one sample stream: w processes with
+            # batch b see what one process with batch w * b sees, whatever the number of processes
+            micro_index = (step * config.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+            items = [dataset[i] for i in batch_indices(n, config.batch_size, micro_index, config.seed)]
             input_ids = torch.stack([it["input_ids"] for it in items]).to(accelerator.device)
             loss_mask = torch.stack([it["loss_mask"] for it in items]).to(accelerator.device)
             if "features" in items[0]:
@@ -186,7 +191,8 @@ def train(
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
@@ -197,8 +203,9 @@ def train(
                 **metrics,
             }
             history.append(record)
-            with open(output / LOG_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if accelerator.is_main_process:
+                with open(output / LOG_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('acc_0', 0):.2f}")
         bar.update(1)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
