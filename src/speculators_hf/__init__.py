@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import SpeculatorConfig, SpeculatorConfigError
-from .generation import GenerationStats, VerifierBindingError
+from .generation import GenerationStats, SpeculativeOutput, TreeSpec, VerifierBindingError, generate
 from .hub import ModelCardInputError, VerifierReferenceError, create_model_card, push_to_hub
 from .loading import AutoSpeculatorForCausalLM, load_draft
 from .models import (
@@ -53,14 +53,17 @@ __all__ = [
     "MedusaSpeculator",
     "MedusaSpeculatorConfig",
     "ModelCardInputError",
+    "SpeculativeOutput",
     "SpeculatorConfig",
     "SpeculatorConfigError",
     "SpeculatorLoadError",
     "SpeculatorModel",
+    "TreeSpec",
     "VerifierBindingError",
     "VerifierReferenceError",
     "__version__",
     "create_model_card",
+    "generate",
     "is_speculator",
     "load_draft",
     "push_to_hub",

@@ -87,8 +87,10 @@ def run_bench(
     assistant_lm: Any = None,
     prompt_lookup: bool = True,
     warmup: bool = True,
+    trees: list[str] | None = None,
 ) -> list[BenchResult]:
-    """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft."""
+    """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
+    `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop."""
     if warmup:  # first calls pay for allocations and lazy initialisation
         _run(verifier, prompts[:1], 8)
     reference, base_s = _run(verifier, prompts, max_new_tokens)
@@ -130,7 +132,33 @@ def run_bench(
             cost_ratio = (timer.seconds / max(stats.drafted_tokens, 1)) / forward_s
             add(name, k, outputs, seconds, stats.tau, cost_ratio=cost_ratio, ideal_speedup=stats.tau / (1 + k * cost_ratio),
                 extra={"acceptance_rate": stats.acceptance_rate, "draft_seconds": timer.seconds})  # fmt: skip
+    for tree in trees or []:
+        for name, draft in drafts.items():
+            add(*_tree_run(verifier, draft, prompts, tree, max_new_tokens, warmup, name))
     return results
+
+
+def _tree_run(
+    verifier: Any, draft: Any, prompts: list[torch.Tensor], tree: str, max_new_tokens: int, warmup: bool, name: str
+) -> tuple[str, int, list[torch.Tensor], float, float]:
+    """`speculators_hf.generate` with `tree`, one prompt at a time: (method, depth, outputs, seconds, tau)."""
+    from .generation.loop import generate
+    from .generation.tree import TreeSpec
+
+    if warmup:
+        generate(verifier, draft, prompts[0].to(verifier.device), tree=tree, max_new_tokens=8, do_sample=False)
+    outputs, seconds, stats = [], 0.0, GenerationStats()
+    for prompt in prompts:
+        _sync(verifier.device)
+        start = time.perf_counter()
+        out: Any = generate(
+            verifier, draft, prompt.to(verifier.device), tree=tree, max_new_tokens=max_new_tokens, do_sample=False
+        )
+        _sync(verifier.device)
+        seconds += time.perf_counter() - start
+        outputs.append(out.cpu())
+        stats = stats + draft.generation_stats
+    return f"{name} (tree {tree})", TreeSpec.parse(tree).depth, outputs, seconds, stats.tau
 
 
 def machine_description() -> str:

@@ -141,8 +141,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             draft.to(args.device)
     prompts = prompts[: args.num_prompts]
     results = run_bench(
-        verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup
-    )
+        verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
+        trees=args.tree,
+    )  # fmt: skip
     meta = {
         "machine": machine_description(),
         "command": "speculators-hf " + " ".join(sys.argv[1:]),
@@ -153,6 +154,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"written to {out}")
     return 0 if all(r.exact for r in results) else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """The package's own loop (token trees, a batch of prompts); --check compares with the verifier alone."""
+    from .generation.loop import generate
+
+    verifier, draft, tokenizer = _hub_pair(args) if args.draft is not None else _builtin_pair(args)
+    texts = args.prompt or ["def fibonacci(n):\n    "]
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        batch = tokenizer(texts, return_tensors="pt", padding=True).to(verifier.device)
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    else:  # the built-in pair has no tokenizer: one row of ids per prompt, 3 + its length
+        id_rows = [torch.arange(3, 3 + 8 + len(t) % 8) for t in texts]
+        width = max(len(r) for r in id_rows)
+        input_ids = torch.zeros(len(id_rows), width, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, r in enumerate(id_rows):
+            input_ids[i, width - len(r) :], attention_mask[i, width - len(r) :] = r, 1
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.do_sample}
+    if args.do_sample:
+        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    start = time.perf_counter()
+    out: Any = generate(
+        verifier, draft, input_ids, attention_mask, tree=args.tree, max_new_tokens=args.max_new_tokens,
+        return_dict_in_generate=True, **sampling,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    identical = None
+    if args.check and not args.do_sample:
+        reference = verifier.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+                                      do_sample=False)  # fmt: skip
+        width = input_ids.shape[1]
+        identical = all(
+            torch.equal(out.sequences[i, width : width + len(ref)], ref) for i, ref in enumerate(reference[:, width:])
+        )
+    rows = []
+    for i, sequence in enumerate(out.sequences[:, input_ids.shape[1] :]):
+        count = out.row_stats[i].emitted_tokens
+        new = sequence[:count]
+        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else str(new.tolist())
+        rows.append({"prompt": texts[i], "output": text, **out.row_stats[i].to_dict()})
+    summary = {"tree": str(args.tree), "seconds": seconds, "stats": out.stats.to_dict(), "identical": identical}
+    if args.json:
+        print(json.dumps({"rows": rows, **summary}, indent=2, default=str))
+    else:
+        for row in rows:
+            print(f"[tau {row['tau']:.2f}] {row['prompt']!r} -> {row['output']!r}")
+        print(f"\ntree {summary['tree']}: {out.stats} in {seconds:.3f}s")
+        if identical is not None:
+            print(f"identical to the verifier alone: {'yes' if identical else 'NO'}")
+    return 0 if identical is not False else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -284,7 +341,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--no-prompt-lookup", action="store_true")
     bench.add_argument("--out", default="bench_results", help="output folder")
+    bench.add_argument(
+        "--tree", action="append", help="also run each draft in the package's own loop with this tree "
+        "(chain:5, dynamic:6:8:48 = depth:top_k:total_tokens, or a JSON list of rank paths); repeatable",
+    )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
+
+    gen = sub.add_parser(
+        "generate",
+        help="speculative generation with token trees and batches (the package's own loop)",
+        description="Generate for one or more prompts (one batch) with a draft in speculators_hf's own loop: "
+        "chains, EAGLE-2 dynamic trees or static trees, greedy or sampled. Prints each output with its tau. "
+        "Without --draft: a random verifier with an untrained EAGLE-3 draft built locally (no download).",
+    )
+    gen.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
+    gen.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
+    gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    gen.add_argument("--tree", default=None, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens]]] or a "
+                     "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--check", action="store_true", help="greedy: also generate with the verifier alone and compare")
+    gen.add_argument("--json", action="store_true", help="print JSON")
+    gen.add_argument("--dtype", default="auto", help="torch dtype for Hub models (auto, float32, bfloat16, ...)")
+    gen.add_argument("--device", default=None, help="device for Hub models (cpu, cuda, ...)")
+    gen.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser(
         "inspect",

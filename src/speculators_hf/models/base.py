@@ -30,6 +30,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
+from ..generation.kvcache import DraftTreeState, MaskedCache
 from ..generation.sampling import TokenPicker
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
@@ -106,6 +107,50 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
 
     def on_bind(self, verifier: PreTrainedModel) -> None:
         """Check family-specific compatibility and keep references to verifier parts the draft uses."""
+
+    # -- the package's own loop (generation/loop.py: trees, batch > 1); optional per family ----------
+    def new_tree_state(self, batch_size: int, device: torch.device | str | None = None) -> DraftTreeState:
+        """Fresh per-generation state of the tree loop: by default a `MaskedCache` for the draft's attention."""
+        return DraftTreeState(cache=MaskedCache(batch_size, device))
+
+    def max_tree_depth(self) -> int | None:
+        """Most tokens the draft can predict ahead of the newest one (None: unbounded)."""
+        return None
+
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the tokens that became final since the last call, for a ragged batch.
+
+        `tokens` [B, A] sit at absolute `positions` [B, A]; only entries where `valid` [B, A] count; every
+        row has at least one valid entry and its valid entries are its newest tokens, in order.
+        `features` holds one [B, A, H] tensor per id of `verifier_layer_ids` (ascending): the verifier's
+        hidden states at the position just BEFORE each token (meaningless where that is < 0). Anything
+        the draft appended to `state` beyond its context since the last call was dropped already.
+        Returns (logits [B, V] over the verifier vocabulary of the token after each row's newest token,
+        a handle [B, ...]: what `tree_expand` needs from that prediction, e.g. the draft's hidden state)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement the tree loop (tree_extend)")
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed K tree nodes per row: `tokens` [B, K] at `positions` [B, K], `depth` tokens after the
+        row's newest token, each with its parent's handle (`handles` [B, K, ...]). `block` [B, K, T + K]
+        says which of the T nodes fed earlier this round, and of these K, each node may attend to (its
+        ancestors and itself); all of them also see the row's context. Returns (logits [B, K, V] over the
+        verifier vocabulary of each node's next token, the nodes' handles [B, K, ...])."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement the tree loop (tree_expand)")
 
     def load_error_hint(self, unexpected: list[str]) -> str:
         """A family-specific line (ending in a newline) explaining unexpected tensors, or ""."""

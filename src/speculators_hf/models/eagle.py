@@ -42,6 +42,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.capture import VerifierBindingError
+from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 from .eagle3 import draft_layer_config
@@ -231,6 +232,37 @@ class EagleSpeculator(SpeculatorModel):
             return expand_draft_vocab(self.logits(out[:, -1]), None, self.config.vocab_size)
 
         return draft_chain(input_ids, num_tokens, pick, next_logits)
+
+    # -- the tree loop: positions are the EAGLE ones (entry t holds token t+1 beside feature t) ----------
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert state.cache is not None
+        valid = valid & (positions >= 1)  # a row's first token has no feature before it
+        mask = state.cache.mask(causal_block(valid), self.fc.weight.dtype)
+        out = self.step(tokens, features[0], positions - 1, state.cache.cache, mask)
+        state.cache.commit(valid)
+        last = gather_rows(out, last_valid(valid))
+        return expand_draft_vocab(self.logits(last), None, self.config.vocab_size), last
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert state.cache is not None
+        mask = state.cache.mask(block, self.fc.weight.dtype)
+        out = self.step(tokens, handles, positions - 1, state.cache.cache, mask)
+        return expand_draft_vocab(self.logits(out), None, self.config.vocab_size), out
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod

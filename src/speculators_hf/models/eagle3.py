@@ -23,6 +23,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
 from ..generation.capture import VerifierBindingError
+from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
@@ -303,6 +304,39 @@ class Eagle3Speculator(SpeculatorModel):
             return expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
 
         return draft_chain(input_ids, num_tokens, pick, next_logits)
+
+    # -- the tree loop: positions are the EAGLE ones (entry t holds token t+1 beside feature t) ----------
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert state.cache is not None
+        valid = valid & (positions >= 1)  # a row's first token has no feature before it
+        mask = state.cache.mask(causal_block(valid), self.fc.weight.dtype)
+        hidden, logits = self.step(tokens, self.project(features), positions - 1, state.cache.cache, mask)
+        state.cache.commit(valid)
+        last = last_valid(valid)
+        return expand_draft_vocab(gather_rows(logits, last), self.d2t, self.config.vocab_size), gather_rows(
+            hidden, last
+        )
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert state.cache is not None
+        mask = state.cache.mask(block, self.fc.weight.dtype)
+        hidden, logits = self.step(tokens, handles, positions - 1, state.cache.cache, mask)
+        return expand_draft_vocab(logits, self.d2t, self.config.vocab_size), hidden
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from ..config import SpeculatorConfig, build_layer_config
+from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 
@@ -107,3 +108,37 @@ class IndependentSpeculator(SpeculatorModel):
             return expand_draft_vocab(logits, None, self.config.vocab_size)
 
         return draft_chain(input_ids, num_tokens, pick, next_logits)
+
+    # -- the tree loop: an ordinary LM fed explicit positions and a 4D mask ---------------------------
+    def _tree_forward(self, state: DraftTreeState, tokens: torch.Tensor, positions: torch.Tensor, block: torch.Tensor):
+        assert state.cache is not None
+        mask = state.cache.mask(block, self.model.dtype)
+        return self.model(
+            input_ids=tokens, position_ids=positions, attention_mask=mask, cache=state.cache.cache, use_cache=True
+        ).logits
+
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._tree_forward(state, tokens, positions, causal_block(valid))
+        assert state.cache is not None
+        state.cache.commit(valid)
+        last = gather_rows(logits, last_valid(valid))
+        return expand_draft_vocab(last, None, self.config.vocab_size), last.new_zeros(last.shape[0], 0)
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._tree_forward(state, tokens, positions, block)
+        return expand_draft_vocab(logits, None, self.config.vocab_size), handles

@@ -94,8 +94,10 @@ def attend(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run `attn` on `hidden` [B, q, *] at absolute `positions` [q], appending to `cache` when given.
-    `mask` (additive, [1, 1, q, kv]) defaults to causal over the cache: key index = absolute position."""
-    position_ids = positions[None].expand(hidden.shape[0], -1)
+    `mask` (additive, [1, 1, q, kv]) defaults to causal over the cache: key index = absolute position.
+    `positions` may also be [B, q] (one row of positions per sequence, the tree loop's ragged batches);
+    then pass `mask` ([B, 1, q, kv]) too."""
+    position_ids = positions if positions.dim() == 2 else positions[None].expand(hidden.shape[0], -1)
     cos_sin = rope(hidden, position_ids)
     if mask is None:
         past = cache.get_seq_length() if cache is not None else 0

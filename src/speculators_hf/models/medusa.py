@@ -18,7 +18,7 @@ the identity (zero weights and biases).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt
@@ -28,6 +28,7 @@ from transformers import initialization as init
 
 from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculators_config
 from ..generation.capture import VerifierBindingError
+from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
 from .base import SpeculatorModel
 
@@ -111,7 +112,8 @@ class MedusaSpeculator(SpeculatorModel):
     # -- maths -------------------------------------------------------------------------------------
     def head_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head `index` on verifier hidden states [..., H] -> logits [..., V]."""
-        return self.lm_heads[index](self.blocks[index](hidden.to(self.lm_heads[index].weight.dtype)))
+        lm_head = cast(nn.Linear, self.lm_heads[index])
+        return lm_head(self.blocks[index](hidden.to(lm_head.weight.dtype)))
 
     def forward(self, verifier_hidden_states: torch.Tensor | list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         """Logits of every head, for training and tests: [heads, B, T, V]. `verifier_hidden_states` [B, T, H]
@@ -157,6 +159,40 @@ class MedusaSpeculator(SpeculatorModel):
 
         return draft_chain(input_ids, min(num_tokens, self.config.medusa_num_heads), pick, next_logits)
 
+    # -- the tree loop: no cache; one call per round gives every depth --------------------------------
+    def new_tree_state(self, batch_size: int, device: Any = None) -> DraftTreeState:
+        return DraftTreeState()
+
+    def max_tree_depth(self) -> int | None:
+        return self.config.medusa_num_heads
+
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head on the verifier state before each row's newest token; a node at depth d draws its
+        children from head d, whichever its parent (the heads never see drafted tokens)."""
+        hidden = gather_rows(features[0], last_valid(valid))[:, None]  # [B, 1, H]
+        logits = self(hidden)[:, :, 0]  # [heads, B, V]
+        state.tensors["heads"] = logits.transpose(0, 1)  # [B, heads, V], for this round
+        return expand_draft_vocab(logits[0], None, self.config.vocab_size), hidden.new_zeros(hidden.shape[0], 0)
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = state.tensors["heads"][:, depth, None].expand(-1, tokens.shape[1], -1)
+        return expand_draft_vocab(logits, None, self.config.vocab_size), handles
+
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod
     def config_from_verifier(
@@ -185,13 +221,13 @@ class MedusaSpeculator(SpeculatorModel):
     def init_from_verifier(self, verifier: Any) -> None:
         """Medusa's start: each lm_head a copy of the verifier's, each block the identity."""
         head = verifier.get_output_embeddings()
-        if head is not None and tuple(head.weight.shape) == tuple(self.lm_heads[0].weight.shape):
-            for lm_head in self.lm_heads:
-                lm_head.weight.copy_(head.weight)
+        for lm_head in self.lm_heads:
+            if head is not None and head.weight.shape == cast(nn.Linear, lm_head).weight.shape:
+                cast(nn.Linear, lm_head).weight.copy_(head.weight)
         for block in self.blocks:
-            for layer in block.layers:
-                layer.weight.zero_()
-                layer.bias.zero_()
+            for layer in cast(MedusaBlock, block).layers:
+                cast(nn.Linear, layer).weight.zero_()
+                cast(nn.Linear, layer).bias.zero_()
 
     def on_bind(self, verifier: Any) -> None:
         text = verifier.config.get_text_config()

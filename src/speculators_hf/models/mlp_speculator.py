@@ -46,6 +46,7 @@ from transformers import initialization as init
 
 from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculators_config
 from ..generation.capture import VerifierBindingError
+from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
 from .base import SpeculatorModel
 
@@ -260,6 +261,40 @@ class MLPSpeculator(SpeculatorModel):
             return expand_draft_vocab(logits[:, -1], None, self.config.vocab_size)
 
         return draft_chain(input_ids, min(num_tokens, self.config.n_predict), pick, next_logits)
+
+    # -- the tree loop: no cache; a node's handle is its state, stage = its depth ---------------------
+    def new_tree_state(self, batch_size: int, device: Any = None) -> DraftTreeState:
+        return DraftTreeState()
+
+    def max_tree_depth(self) -> int | None:
+        return self.config.n_predict
+
+    def tree_extend(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 0 reads each row's newest token and the verifier state at the position before it."""
+        last = last_valid(valid)
+        hidden = self.input_state(gather_rows(features[0], last)[:, None])
+        hidden, logits = self.step(0, hidden, gather_rows(tokens, last)[:, None].to(hidden.device))
+        return expand_draft_vocab(logits[:, 0], None, self.config.vocab_size), hidden[:, 0]
+
+    def tree_expand(
+        self,
+        state: DraftTreeState,
+        handles: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        depth: int,
+        block: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A node `depth` tokens ahead goes through stage `depth`, from its parent's state."""
+        hidden, logits = self.step(depth, handles, tokens.to(handles.device))
+        return expand_draft_vocab(logits, None, self.config.vocab_size), hidden
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,151 @@
+"""Token selection and the verification of a drafted tree, for the package's own loop.
+
+Greedy: walk down from the root; at each node the verifier's argmax is emitted, and the walk continues
+into the child holding that token, if any. Every emitted token is the verifier's own greedy choice, so
+the output equals the verifier alone, whatever the tree.
+
+Sampling (multi-draft speculative sampling, recursive rejection): at a node with verifier distribution
+p, the children x_1, x_2, ... are tried in order. A child drawn from the draft distribution q (a chain
+when sampling) is accepted with probability min(1, p(x)/q(x)); otherwise p becomes norm(max(p - q, 0)).
+A child chosen deterministically (tree drafting: top-k by draft confidence) is a draw from the point
+mass q = delta_x, so the same rule reads: accept with probability p(x), otherwise remove x from p and
+renormalise. When no child is accepted, the bonus token is drawn from what is left of p. By induction
+over the children, the emitted token is distributed exactly as p, however the candidates were chosen
+(as long as the choice does not look at the verifier's random draws), so the output follows the
+verifier's distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .tree import DraftTree
+
+
+class Sampler:
+    """The verifier's decoding rule, applied alike to verifier and draft logits: argmax (greedy) or a
+    draw from softmax of the logits after temperature, top-k and top-p."""
+
+    def __init__(
+        self,
+        do_sample: bool,
+        temperature: float | None = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.do_sample = do_sample
+        self.generator = generator
+        self.warpers: list = []
+        if do_sample:
+            if temperature is not None and temperature != 1.0:
+                if temperature <= 0:
+                    raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+                self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                self.warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 scores [..., V] after the warpers (identity when greedy)."""
+        scores = logits.float()
+        if not self.warpers:
+            return scores
+        flat = scores.reshape(-1, scores.shape[-1])
+        for warper in self.warpers:
+            flat = warper(None, flat)  # type: ignore[arg-type]
+        return flat.reshape(scores.shape)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.warp(logits), dim=-1)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, V] -> (token [B], the distribution it was drawn from [B, V], or None when greedy)."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), probs
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator).item())
+
+
+def block_layout(tree: DraftTree, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B, N+1] and parents [B, N+1] of the verified block: the root (index 0, parent -1) then the
+    tree nodes, whose parents are renumbered into the block."""
+    tokens = torch.cat([root[:, None], tree.tokens], dim=1)
+    parents = torch.cat([torch.full_like(root[:, None], -1), tree.parents + 1], dim=1)
+    return tokens, parents
+
+
+def accept_greedy(
+    logits: torch.Tensor, tree: DraftTree, root: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Verify greedily. `logits` [B, N+1, V] are the verifier's at the block (root first).
+
+    Returns (path [B, S]: block indices of the root and the accepted nodes, emitted [B, S]: the token
+    emitted after each path node, count [B]: how many columns are valid, i.e. accepted nodes + 1)."""
+    tokens, parents = block_layout(tree, root)
+    target = logits.argmax(dim=-1)  # [B, N+1]
+    batch = tokens.shape[0]
+    cur = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    going = torch.ones(batch, dtype=torch.bool, device=tokens.device)
+    count = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    path, emitted = [], []
+    for _ in range(tree.max_depth + 1):
+        path.append(cur)
+        want = target.gather(1, cur[:, None]).squeeze(1)
+        emitted.append(want)
+        count = count + going.long()
+        match = (parents == cur[:, None]) & (tokens == want[:, None]) & going[:, None]
+        has = match.any(dim=1)
+        cur = torch.where(has, match.long().argmax(dim=1), cur)
+        going = going & has
+    return torch.stack(path, 1), torch.stack(emitted, 1), count
+
+
+def accept_sampling(
+    logits: torch.Tensor, tree: DraftTree, root: torch.Tensor, sampler: Sampler
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Verify by recursive rejection sampling; same outputs as `accept_greedy`."""
+    tokens, parents = block_layout(tree, root)
+    probs = sampler.probs(logits)  # [B, N+1, V]
+    batch, width = tokens.shape
+    steps = tree.max_depth + 1
+    path = torch.zeros(batch, steps, dtype=torch.long, device=tokens.device)
+    emitted = torch.zeros(batch, steps, dtype=torch.long, device=tokens.device)
+    count = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    parent_list, token_list = parents.tolist(), tokens.tolist()
+    for b in range(batch):
+        children: dict[int, list[int]] = {}
+        for j in range(1, width):
+            children.setdefault(parent_list[b][j], []).append(j)
+        cur, n = 0, 0
+        while True:
+            path[b, n] = cur
+            p = probs[b, cur].clone()
+            chosen = None
+            for j in children.get(cur, []):
+                x = token_list[b][j]
+                q = None if tree.q is None else tree.q[b, j - 1]
+                accept = p[x] if q is None else torch.clamp(p[x] / q[x], max=1.0)
+                if sampler.uniform() < float(accept):
+                    chosen = j
+                    break
+                residual = p.clone()
+                if q is None:
+                    residual[x] = 0.0
+                else:
+                    residual = torch.clamp(residual - q, min=0.0)
+                total = residual.sum()
+                if total > 0:  # 0 only when p == q up to rounding: then x was accepted with probability 1
+                    p = residual / total
+            if chosen is None:
+                emitted[b, n] = torch.multinomial(p, 1, generator=sampler.generator).item()
+                count[b] = n + 1
+                break
+            emitted[b, n] = token_list[b][chosen]
+            cur, n = chosen, n + 1
+    return path, emitted, count

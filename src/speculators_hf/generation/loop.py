@@ -1,0 +1,250 @@
+"""The package's own speculative decoding loop: token trees and batches, for any bound draft.
+
+One round, for every unfinished row at once:
+1. the draft grows a tree after the row's newest token (the root), from what `tree_extend` returned
+   (`tree.build_tree`: chain, EAGLE-2 dynamic tree or static tree);
+2. the verifier runs ONCE on [root, tree nodes] with explicit positions (root position + depth) and a
+   4D mask: the row's alive context plus the tree's ancestor-or-self mask;
+3. each row walks its tree (`acceptance`), greedily or by recursive rejection sampling, and emits its
+   accepted tokens plus one token of the verifier's own;
+4. the verifier's cache keeps the root and the accepted nodes and drops the rest of the block; the
+   draft's cache drops the whole tree (its entries were computed from the draft's guesses) and takes
+   the newly final tokens with the verifier's hidden states at the accepted path (`tree_extend`).
+
+Rows finish on eos or when `max_new_tokens` is reached and leave the batch. Caches are append-only with
+a per-row alive mask (`kvcache.MaskedCache`), compacted when dead entries exceed `compact_threshold`.
+The verifier's hidden states come from the hooks `bind_verifier` installs (`VerifierTap`), during the
+verifier's own forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from .acceptance import Sampler, accept_greedy, accept_sampling
+from .capture import VerifierBindingError
+from .kvcache import MaskedCache, causal_block
+from .stats import GenerationStats
+from .tree import TreeSpec, build_tree
+
+UNSUPPORTED = {
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1,
+}
+
+
+@dataclass
+class SpeculativeOutput:
+    """What `generate(..., return_dict_in_generate=True)` returns."""
+
+    sequences: torch.Tensor  # [B, prompt + new], the prompt as given, new tokens padded with pad_token_id
+    stats: GenerationStats  # summed over rows
+    row_stats: list[GenerationStats] = field(default_factory=list)  # one per row (tau per row)
+
+
+def _generation_config(verifier: Any, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    config = copy.deepcopy(generation_config or verifier.generation_config)
+    unused = config.update(**kwargs)
+    if unused:
+        raise TypeError(f"speculators_hf.generate got unexpected arguments {sorted(unused)}")
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"speculators_hf.generate does not support {name}={value!r} (only {neutral!r}); use "
+                "verifier.generate(..., assistant_model=draft) for other decoding settings"
+            )
+    return config
+
+
+def _eos_ids(config: GenerationConfig) -> set[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _check_verifier(verifier: Any) -> None:
+    text = verifier.config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) or []
+    sliding = any(t != "full_attention" for t in layer_types) or (
+        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    )
+    if sliding:
+        raise VerifierBindingError(
+            f"{type(verifier).__name__} uses sliding-window (or other non-full) attention layers, which the tree "
+            "loop's append-only cache does not model; use verifier.generate(..., assistant_model=draft) instead"
+        )
+
+
+def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows re-packed to left padding (any padding pattern is accepted)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if (valid.sum(1) == 0).any():
+        raise ValueError("every row of input_ids needs at least one token (attention_mask is all zeros somewhere)")
+    order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), valid.gather(1, order)
+
+
+@torch.no_grad()
+def generate(
+    verifier: Any,
+    draft: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    tree: Any = None,
+    generation_config: GenerationConfig | None = None,
+    generator: torch.Generator | None = None,
+    return_dict_in_generate: bool = False,
+    compact_threshold: float = 0.5,
+    **kwargs: Any,
+) -> torch.Tensor | SpeculativeOutput:
+    """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
+
+    `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth]",
+    "dynamic[:depth[:top_k[:total_tokens]]]", a list of rank paths (static tree), or None for a chain of
+    the draft's `speculative_tokens`. Decoding settings (`max_new_tokens`, `do_sample`, `temperature`,
+    `top_k`, `top_p`, `eos_token_id`, `pad_token_id`) default to the verifier's generation config.
+    Greedy output equals the verifier alone, token for token; sampled output follows its distribution.
+    Returns the sequences [B, n + new] (the prompt as given, then the new tokens, padded with the pad id),
+    or a `SpeculativeOutput` with per-row stats. `draft.generation_stats` holds the summed stats."""
+    config = _generation_config(verifier, generation_config, kwargs)
+    spec = TreeSpec.parse(tree, default_depth=int(draft.config.speculative_tokens or 5))
+    _check_verifier(verifier)
+    if getattr(draft, "verifier", None) is not verifier:
+        draft.bind_verifier(verifier)
+    tap = draft._binding["tap"]
+    device = verifier.device
+    original_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    ids, valid = _left_pad(original_ids.to(device), None if attention_mask is None else attention_mask.to(device))
+    batch = ids.shape[0]
+    max_new = config.max_new_tokens
+    if max_new is None:
+        max_new = max(int(config.max_length or 20) - ids.shape[1], 0)
+    eos = _eos_ids(config)
+    pad = config.pad_token_id if config.pad_token_id is not None else (min(eos) if eos else 0)
+    sampler = Sampler(bool(config.do_sample), config.temperature, config.top_k, config.top_p, generator)
+    accept = accept_greedy if not sampler.do_sample else None
+    dtype = verifier.dtype
+
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    row_stats = [GenerationStats() for _ in range(batch)]
+    rows = torch.arange(batch, device=device)  # original index of each row still in the batch
+
+    def emit(row_tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Append emitted tokens per row (cut at eos / max_new_tokens); returns which rows finished."""
+        done = torch.zeros(rows.shape[0], dtype=torch.bool)
+        for i, (row, count) in enumerate(zip(rows.tolist(), counts.tolist())):
+            out = new_tokens[row]
+            for token in row_tokens[i, :count].tolist():
+                if len(out) >= max_new:
+                    break
+                out.append(token)
+                if token in eos:
+                    break
+            row_stats[row].emitted_tokens = len(out)
+            done[i] = len(out) >= max_new or (bool(out) and out[-1] in eos)
+        return done
+
+    vcache = MaskedCache(batch, device)
+    state = draft.new_tree_state(batch, device)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    tap.arm()
+    try:
+        if max_new > 0:
+            # prefill: the prompt, then the first token of the verifier's own
+            logits = verifier(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=vcache.mask(causal_block(valid), dtype),
+                cache=vcache.cache,
+                use_cache=True,
+            ).logits[:, -1]
+            vcache.commit(valid)
+            features = [tap.states[i] for i in tap.layer_ids]
+            root, _ = sampler.pick(logits)
+            for s in row_stats:
+                s.verifier_forwards = 1
+            done = emit(root[:, None], torch.ones(batch, dtype=torch.long))
+            root_positions = valid.sum(1)
+            root_logits, root_handle = draft.tree_extend(
+                state,
+                torch.cat([ids, root[:, None]], dim=1),
+                torch.cat([positions, root_positions[:, None]], dim=1),
+                torch.cat([valid, valid.new_ones(batch, 1)], dim=1),
+                [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in features],  # the feature BEFORE each token
+            )
+        else:
+            done = torch.ones(batch, dtype=torch.bool)
+        while True:
+            if done.any():  # finished rows leave the batch
+                keep = (~done).nonzero().squeeze(1).to(device)
+                rows, root, root_positions = rows[keep], root[keep], root_positions[keep]
+                root_logits, root_handle = root_logits[keep], root_handle[keep]
+                vcache.select(keep)
+                state.select(keep)
+            if rows.numel() == 0:
+                break
+            drafted = build_tree(draft, state, spec, sampler, root_logits, root_handle, root_positions)
+            if state.cache is not None:
+                state.cache.truncate()
+            block_tokens = torch.cat([root[:, None], drafted.tokens], dim=1)
+            block_positions = root_positions[:, None] + torch.cat(
+                [torch.zeros_like(drafted.depths[:, :1]), drafted.depths], dim=1
+            )
+            logits = verifier(
+                input_ids=block_tokens,
+                position_ids=block_positions,
+                attention_mask=vcache.mask(drafted.block_ancestors(), dtype),
+                cache=vcache.cache,
+                use_cache=True,
+            ).logits
+            features = [tap.states[i] for i in tap.layer_ids]
+            if accept is not None:
+                path, emitted, counts = accept(logits, drafted, root)
+            else:
+                path, emitted, counts = accept_sampling(logits, drafted, root, sampler)
+            columns = torch.arange(path.shape[1], device=device)
+            path_valid = columns[None] < counts[:, None]
+            vcache.keep(path, path_valid)
+            for row in rows.tolist():
+                row_stats[row].verifier_forwards += 1
+                row_stats[row].draft_rounds += 1
+                row_stats[row].drafted_tokens += drafted.size
+            done = emit(emitted, counts)
+            if done.all():
+                break
+            path_features = [f.gather(1, path[:, :, None].expand(-1, -1, f.shape[-1])) for f in features]
+            root_logits, root_handle = draft.tree_extend(
+                state, emitted, root_positions[:, None] + 1 + columns, path_valid, path_features
+            )
+            root = emitted.gather(1, (counts - 1)[:, None]).squeeze(1)
+            root_positions = root_positions + counts
+            vcache.maybe_compact(compact_threshold)
+            if state.cache is not None:
+                state.cache.maybe_compact(compact_threshold)
+    finally:
+        tap.disarm()
+
+    longest = max((len(t) for t in new_tokens), default=0)
+    generated = torch.full((batch, longest), pad, dtype=original_ids.dtype)
+    for row, tokens in enumerate(new_tokens):
+        generated[row, : len(tokens)] = torch.tensor(tokens, dtype=original_ids.dtype)
+    sequences = torch.cat([original_ids, generated.to(original_ids.device)], dim=1)
+    total = GenerationStats()
+    for s in row_stats:
+        total = total + s
+    draft._last_stats = total
+    if return_dict_in_generate:
+        return SpeculativeOutput(sequences=sequences, stats=total, row_stats=row_stats)
+    return sequences
