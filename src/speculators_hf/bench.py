@@ -88,9 +88,13 @@ def run_bench(
     prompt_lookup: bool = True,
     warmup: bool = True,
     trees: list[str] | None = None,
+    batch_size: int = 1,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
-    `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop."""
+    `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop.
+    `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
+    on left-padded batches of that many prompts; their speedup is throughput over the verifier alone at
+    batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself."""
     if warmup:  # first calls pay for allocations and lazy initialisation
         _run(verifier, prompts[:1], 8)
     reference, base_s = _run(verifier, prompts, max_new_tokens)
@@ -135,7 +139,72 @@ def run_bench(
     for tree in trees or []:
         for name, draft in drafts.items():
             add(*_tree_run(verifier, draft, prompts, tree, max_new_tokens, warmup, name))
+    if batch_size > 1:
+        batch_trees = trees or [f"chain:{k_values[len(k_values) // 2]}"]
+        runs = [(f"verifier alone (batch {batch_size})", None, None)]
+        runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
+        for method, draft, tree in runs:
+            outputs, seconds, stats = _batched_run(verifier, draft, prompts, batch_size, tree, max_new_tokens, warmup)
+            depth = None if tree is None else _tree_depth(tree)
+            add(method, depth, outputs, seconds, float("nan") if draft is None else stats.tau)
     return results
+
+
+def _tree_depth(tree: str) -> int:
+    from .generation.tree import TreeSpec
+
+    return TreeSpec.parse(tree).depth
+
+
+def _batched_run(
+    verifier: Any,
+    draft: Any,
+    prompts: list[torch.Tensor],
+    batch_size: int,
+    tree: str | None,
+    max_new_tokens: int,
+    warmup: bool,
+) -> tuple[list[torch.Tensor], float, GenerationStats]:
+    """Left-padded batches of `batch_size` prompts through the verifier alone (draft None) or the package's
+    loop; returns each row as prompt + its new tokens up to its eos (padding removed), seconds, stats."""
+    from .generation.loop import generate
+
+    pad = verifier.generation_config.pad_token_id
+    pad = 0 if pad is None else int(pad)
+    outputs, seconds, stats = [], 0.0, GenerationStats()
+    starts = [-1] * warmup + list(range(0, len(prompts), batch_size))  # -1: a short warm-up batch
+    for start in starts:
+        group = prompts[max(start, 0) : max(start, 0) + batch_size]
+        width = max(p.shape[1] for p in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(group):
+            ids[row, width - prompt.shape[1] :] = prompt[0]
+            mask[row, width - prompt.shape[1] :] = 1
+        ids, mask = ids.to(verifier.device), mask.to(verifier.device)
+        new_tokens = 8 if start < 0 else max_new_tokens
+        _sync(verifier.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if draft is None:
+                out = verifier.generate(
+                    ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+                )
+            else:
+                out = generate(verifier, draft, ids, mask, tree=tree, max_new_tokens=new_tokens, do_sample=False)
+        _sync(verifier.device)
+        if start < 0:
+            continue
+        seconds += time.perf_counter() - t0
+        if draft is not None:
+            stats = stats + draft.generation_stats
+        eos = verifier.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        for row, prompt in enumerate(group):
+            new = out[row, width:].cpu().tolist()
+            end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
+            outputs.append(torch.cat([prompt, torch.tensor([new[:end]], dtype=prompt.dtype)], dim=1))
+    return outputs, seconds, stats
 
 
 def _tree_run(

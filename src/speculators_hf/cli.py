@@ -143,6 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
         trees=args.tree,
+        batch_size=args.batch_size,
     )  # fmt: skip
     meta = {
         "machine": machine_description(),
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--device", default=None)
     bench.add_argument("--no-prompt-lookup", action="store_true")
+    bench.add_argument(
+        "--batch-size", type=int, default=1, help="also measure throughput on batches of this many prompts (own loop)"
+    )
     bench.add_argument("--out", default="bench_results", help="output folder")
     bench.add_argument(
         "--tree", action="append", help="also run each draft in the package's own loop with this tree "

@@ -32,3 +32,15 @@ def test_bench_runs_every_method_and_checks_exactness(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert len(data["results"]) == len(results)
     assert "| eagle3 | 2 |" in markdown_table(results)
+
+
+def test_bench_batched_rows_are_exact_per_row():
+    """Batches of left-padded prompts: the verifier alone and the own loop, every row equal to the verifier
+    run on that prompt by itself."""
+    verifier = make_verifier(num_hidden_layers=4)
+    draft = sh.Eagle3Speculator.from_verifier(verifier)
+    prompts = make_prompts(5, min_len=2, max_len=9)
+    results = run_bench(verifier, prompts, {"eagle3": draft}, [3], max_new_tokens=10, prompt_lookup=False, batch_size=2)
+    batched = [r for r in results if "batch 2" in r.method]
+    assert [r.method for r in batched] == ["verifier alone (batch 2)", "eagle3 (batch 2, tree chain:3)"]
+    assert all(r.exact and r.tokens == results[0].tokens for r in batched)
