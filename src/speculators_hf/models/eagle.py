@@ -42,10 +42,9 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.capture import VerifierBindingError
-from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
-from .base import SpeculatorModel
+from ..generation.sampling import expand_draft_vocab
 from .eagle3 import draft_layer_config
+from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
 
 
@@ -108,7 +107,7 @@ class EagleDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class EagleSpeculator(SpeculatorModel):
+class EagleSpeculator(EagleStyleSpeculator):
     """EAGLE-1 / EAGLE-2 / HASS draft. Create one with `EagleSpeculator.from_verifier(verifier)` or load one;
     it proposes tokens only once bound to its verifier (whose lm_head gives its logits)."""
 
@@ -157,6 +156,22 @@ class EagleSpeculator(SpeculatorModel):
         x = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), features.to(dtype)], dim=-1))
         return self.layers[0](x, positions, self.rotary_emb, cache, mask)
 
+    def initial_hidden(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return features[0]
+
+    def advance(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.step(input_ids, hidden, positions, cache, mask)
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return expand_draft_vocab(self.logits(hidden), None, self.config.vocab_size)
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The verifier's lm_head on draft output features [..., H] (no norm): logits [..., V]."""
         head = self.verifier_head
@@ -204,65 +219,6 @@ class EagleSpeculator(SpeculatorModel):
     def verifier_layer_ids(self) -> list[int]:
         """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
         return self.last_hidden_layer_ids()
-
-    def propose(
-        self,
-        state: DynamicCache,
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        truncate_cache(state, start)
-        n = input_ids.shape[1]
-        # first step: positions start..n-2 with the verifier's features and the tokens after them;
-        # later steps: one position, fed the draft's own predicted feature and the token it just drafted
-        inputs = {
-            "features": features[0],
-            "tokens": input_ids[:, start + 1 : n],
-            "positions": torch.arange(start, n - 1, device=input_ids.device),
-        }
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            if token is not None:
-                inputs.update(tokens=token[:, None], positions=inputs["positions"][-1:] + 1)
-            out = self.step(inputs["tokens"], inputs["features"], inputs["positions"], state)
-            inputs["features"] = out[:, -1:]
-            return expand_draft_vocab(self.logits(out[:, -1]), None, self.config.vocab_size)
-
-        return draft_chain(input_ids, num_tokens, pick, next_logits)
-
-    # -- the tree loop: positions are the EAGLE ones (entry t holds token t+1 beside feature t) ----------
-    def tree_extend(
-        self,
-        state: DraftTreeState,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor,
-        features: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert state.cache is not None
-        valid = valid & (positions >= 1)  # a row's first token has no feature before it
-        mask = state.cache.mask(causal_block(valid), self.fc.weight.dtype)
-        out = self.step(tokens, features[0], positions - 1, state.cache.cache, mask)
-        state.cache.commit(valid)
-        last = gather_rows(out, last_valid(valid))
-        return expand_draft_vocab(self.logits(last), None, self.config.vocab_size), last
-
-    def tree_expand(
-        self,
-        state: DraftTreeState,
-        handles: torch.Tensor,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        depth: int,
-        block: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert state.cache is not None
-        mask = state.cache.mask(block, self.fc.weight.dtype)
-        out = self.step(tokens, handles, positions - 1, state.cache.cache, mask)
-        return expand_draft_vocab(self.logits(out), None, self.config.vocab_size), out
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod

@@ -23,9 +23,8 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
 from ..generation.capture import VerifierBindingError
-from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
-from .base import SpeculatorModel
+from ..generation.sampling import expand_draft_vocab
+from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
 
 LAYER_CONFIG_FIELDS = (
@@ -171,7 +170,7 @@ class Eagle3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class Eagle3Speculator(SpeculatorModel):
+class Eagle3Speculator(EagleStyleSpeculator):
     """EAGLE-3 draft model. Create one with `Eagle3Speculator.from_verifier(verifier)` or load one."""
 
     config_class = Eagle3SpeculatorConfig
@@ -222,6 +221,29 @@ class Eagle3Speculator(SpeculatorModel):
             x = self.input_norm(x)
         return self.fc(x)
 
+    def initial_hidden(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.project(features)
+
+    def advance(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One draft pass: tokens [B, T] (token t+1 beside the hidden state of position t) -> the hidden
+        state [B, T, H] fed back: the layer output, normed when `norm_output`."""
+        out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache, mask)
+        return self.norm(out) if self.config.norm_output else out
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., Vd] from `advance`'s output (the head always reads the normed state)."""
+        return self.lm_head(hidden if self.config.norm_output else self.norm(hidden))
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return expand_draft_vocab(self.draft_logits(hidden), self.d2t, self.config.vocab_size)
+
     def step(
         self,
         input_ids: torch.Tensor,
@@ -230,11 +252,9 @@ class Eagle3Speculator(SpeculatorModel):
         cache: Any = None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft pass: tokens [B, T] (token t+1 beside the hidden state of position t) ->
-        (next hidden [B, T, H] to feed back, logits [B, T, Vd])."""
-        out = self.layers[0](self.embed_tokens(input_ids), hidden, positions, self.rotary_emb, cache, mask)
-        normed = self.norm(out)
-        return (normed if self.config.norm_output else out), self.lm_head(normed)
+        """`advance` and its draft-vocabulary logits [B, T, Vd]."""
+        hidden = self.advance(input_ids, hidden, positions, cache, mask)
+        return hidden, self.draft_logits(hidden)
 
     def unrolled_logits(self, input_ids: torch.Tensor, features: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         """Training-time test (EAGLE-3): draft-vocab logits [B, T, Vd] of `steps` unrolled draft steps.
@@ -276,67 +296,6 @@ class Eagle3Speculator(SpeculatorModel):
     # -- the family contract -----------------------------------------------------------------------
     def verifier_layer_ids(self) -> list[int]:
         return self.config.aux_layer_ids
-
-    def propose(
-        self,
-        state: DynamicCache,
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        truncate_cache(state, start)
-        n = input_ids.shape[1]
-        # first step: positions start..n-2 with the verifier's features and the tokens after them;
-        # later steps: one position, fed the draft's own output and the token it just drafted
-        inputs = {
-            "hidden": self.project(features),
-            "tokens": input_ids[:, start + 1 : n],
-            "positions": torch.arange(start, n - 1, device=input_ids.device),
-        }
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            if token is not None:
-                inputs.update(tokens=token[:, None], positions=inputs["positions"][-1:] + 1)
-            hidden, logits = self.step(inputs["tokens"], inputs["hidden"], inputs["positions"], state)
-            inputs["hidden"] = hidden[:, -1:]
-            return expand_draft_vocab(logits[:, -1], self.d2t, self.config.vocab_size)
-
-        return draft_chain(input_ids, num_tokens, pick, next_logits)
-
-    # -- the tree loop: positions are the EAGLE ones (entry t holds token t+1 beside feature t) ----------
-    def tree_extend(
-        self,
-        state: DraftTreeState,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor,
-        features: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert state.cache is not None
-        valid = valid & (positions >= 1)  # a row's first token has no feature before it
-        mask = state.cache.mask(causal_block(valid), self.fc.weight.dtype)
-        hidden, logits = self.step(tokens, self.project(features), positions - 1, state.cache.cache, mask)
-        state.cache.commit(valid)
-        last = last_valid(valid)
-        return expand_draft_vocab(gather_rows(logits, last), self.d2t, self.config.vocab_size), gather_rows(
-            hidden, last
-        )
-
-    def tree_expand(
-        self,
-        state: DraftTreeState,
-        handles: torch.Tensor,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        depth: int,
-        block: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert state.cache is not None
-        mask = state.cache.mask(block, self.fc.weight.dtype)
-        hidden, logits = self.step(tokens, handles, positions - 1, state.cache.cache, mask)
-        return expand_draft_vocab(logits, self.d2t, self.config.vocab_size), hidden
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod
