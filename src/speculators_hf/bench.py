@@ -141,11 +141,13 @@ def run_bench(
             add(*_tree_run(verifier, draft, prompts, tree, max_new_tokens, warmup, name))
     if batch_size > 1:
         batch_trees = trees or [f"chain:{k_values[len(k_values) // 2]}"]
-        runs = [(f"verifier alone (batch {batch_size})", None, None)]
+        runs: list[tuple[str, Any, str | None]] = [(f"verifier alone (batch {batch_size})", None, None)]
         runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
-        for method, draft, tree in runs:
-            outputs, seconds, stats = _batched_run(verifier, draft, prompts, batch_size, tree, max_new_tokens, warmup)
-            depth = None if tree is None else _tree_depth(tree)
+        for method, draft, batch_tree in runs:
+            outputs, seconds, stats = _batched_run(
+                verifier, draft, prompts, batch_size, batch_tree, max_new_tokens, warmup
+            )
+            depth = None if batch_tree is None else _tree_depth(batch_tree)
             add(method, depth, outputs, seconds, float("nan") if draft is None else stats.tau)
     return results
 

@@ -543,8 +543,16 @@ def test_auto_detection(tmp_path, verifier):
     (medusa / "config.json").write_text(json.dumps({"medusa_num_heads": 5, "medusa_num_layers": 1}))
     save_file({"0.0.linear.weight": torch.zeros(4, 4)}, str(medusa / "model.safetensors"))
     assert detect(medusa).name == "medusa"
+    modelopt = write_research_eagle3(tmp_path / "modelopt", weights="safetensors")
+    config = json.loads((modelopt / "config.json").read_text())
+    config.update(
+        architectures=["LlamaForCausalLMEagle3"],
+        eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 3, 4], "use_input_layernorm_in_first_layer": True},
+    )
+    (modelopt / "config.json").write_text(json.dumps(config))
+    assert detect(modelopt).name == "modelopt"
     with pytest.raises(ConversionError, match="recognised but has no converter yet"):
-        convert(medusa, tmp_path / "out")
+        convert(modelopt, tmp_path / "out")
 
 
 def test_unknown_and_ambiguous_layouts(tmp_path):
@@ -689,7 +697,7 @@ def test_shape_dtype_vocab_and_verifier_mismatches(tmp_path, verifier_dir):
 
 
 def test_specs_and_known_checkpoints_are_consistent():
-    formats = {"eagle3", "specforge", "speculators", "eagle", "medusa", "mlp_speculator", "modelopt"}
+    formats = {"eagle3", "specforge", "speculators", "eagle", "medusa", "medusa2", "mlp_speculator", "modelopt"}
     known = known_checkpoints()
     assert {entry["format"] for entry in known} == formats
     for entry in known:

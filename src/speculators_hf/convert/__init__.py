@@ -5,11 +5,14 @@ from speculators_hf.convert import convert
 
 convert("yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", "llama-eagle3", verifier="meta-llama/Llama-3.1-8B-Instruct")
 convert("llama-eagle3", "llama-eagle3-vllm", to="speculators")
+convert("FasterDecoding/medusa-vicuna-7b-v1.3", "medusa", verifier="lmsys/vicuna-7b-v1.3")
+convert("medusa", "medusa-vllm", to="vllm")   # vLLM's native Medusa layout
 ```
 
 Each foreign format is one declarative spec (`specs/<format>.yaml`: how to recognise it, tensor
 renames and shapes, config field map, the defaults its original code assumes) plus one small module
-that applies it (`eagle3.py`, `specforge.py`, `speculators.py`). A new format plugs in as a spec with
+that applies it (`eagle3.py`, `specforge.py`, `speculators.py`, `eagle.py`, `medusa.py`,
+`mlp_speculator.py`, `ours.py`). A new format plugs in as a spec with
 `status: supported` and `module: <name>`, and a module defining `import_checkpoint(source, spec, ctx)`
 (and `export_checkpoint(folder, model, spec, ctx)` when it can be written too). Formats recognised
 but not converted yet have `status: planned` specs, so `--from auto` names them.
@@ -37,10 +40,12 @@ from .core import (
     FormatSpec,
     Source,
     VerifierRef,
+    all_export_targets,
     all_specs,
     atomic_output,
     check_destination,
     detect_format,
+    exporter_for,
     known_checkpoints,
     load_spec,
     open_source,
@@ -106,8 +111,10 @@ def convert(
     - `verifier`: the verifier's Hub id, path or loaded model. Its config fills the verifier reference
       and fingerprint and is checked against the draft; its input embedding is copied when the source
       has none (research EAGLE-3). Its weights are never loaded otherwise.
-    - `to`: "ours" (this package's format: loads with AutoModelForCausalLM, remote code included) or
-      "speculators" (what the `speculators` library and vLLM read; additionally checked for that).
+    - `to`: "ours" (this package's format: loads with AutoModelForCausalLM, remote code included),
+      "speculators" (EAGLE-3: what the `speculators` library and vLLM read; additionally checked for that)
+      or "vllm" (what vLLM reads for the draft's family: the speculators format for EAGLE-3, vLLM's native
+      layouts for EAGLE-1, Medusa and the MLP speculator; each export is imported again and compared).
     - `overrides`: our flat config fields to set (e.g. {"norm_before_residual": True}), and
       `speculative_tokens`.
     - `revision`: the Hub revision of `src`; `cache_dir`, `token`: for Hub ids of `src` and the verifier
@@ -116,13 +123,8 @@ def convert(
     """
     say = log or logger.info
     hub_kwargs = {"revision": revision, "cache_dir": str(cache_dir) if cache_dir else None, "token": token}
-    if to != "ours":
-        target = load_spec(to)
-        if target.export is None:
-            raise ConversionError(
-                f"cannot export to {to!r}; export targets: ours, "
-                + ", ".join(name for name, s in all_specs().items() if s.export is not None)
-            )
+    if to != "ours" and to not in all_export_targets():
+        raise ConversionError(f"cannot export to {to!r}; export targets: ours, {', '.join(all_export_targets())}")
     source: Source = open_source(src, **hub_kwargs)
     destination = Path(dst).expanduser().resolve()
     check_destination(source.root, destination, overwrite)
@@ -133,8 +135,8 @@ def convert(
         spec = load_spec(from_format)
         say(f"format: {spec.name} ({spec.title})")
     module = _module(spec)
-    if to != "ours" and load_spec(to).family != spec.family:
-        raise ConversionError(f"cannot export a {spec.family} draft to {to!r} (a {load_spec(to).family} format)")
+    if to != "ours" and spec.family != "*":
+        exporter_for(to, spec.family)  # fail before reading any weights
     ctx = ConvertContext(
         # the verifier is resolved at its own default revision: SRC's revision means nothing in its repo
         verifier=VerifierRef.resolve(verifier, cache_dir=hub_kwargs["cache_dir"], token=token),
@@ -143,13 +145,13 @@ def convert(
         hub_kwargs=hub_kwargs,
     )
     model = module.import_checkpoint(source, spec, ctx)
+    target = exporter_for(to, model.config.speculators_model_type) if to != "ours" else None
     with atomic_output(destination) as tmp:
         model.save_pretrained(tmp)
         _check_written(tmp, model)
-        if to != "ours":
-            exporter = _module(load_spec(to))
-            exporter.export_checkpoint(tmp, model, load_spec(to), ctx)
-    say(f"wrote {destination} ({'speculators/vLLM export' if to != 'ours' else 'speculators_hf format'})")
+        if target is not None:
+            _module(target).export_checkpoint(tmp, model, target, ctx)
+    say(f"wrote {destination} ({f'{target.title}, for --to {to}' if target is not None else 'speculators_hf format'})")
     return destination
 
 

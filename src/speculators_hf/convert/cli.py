@@ -1,4 +1,4 @@
-"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators] [--verifier ID_OR_PATH]`."""
+"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators|vllm] [--verifier ID_OR_PATH]`."""
 
 from __future__ import annotations
 
@@ -47,26 +47,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    from .core import all_specs
+    from .core import all_export_targets, all_specs
 
     formats = sorted(name for name, spec in all_specs().items() if spec.status == "supported")
-    exports = sorted(name for name, spec in all_specs().items() if spec.export is not None)
+    planned = sorted(name for name, spec in all_specs().items() if spec.status == "planned")
     parser = sub.add_parser(
         "convert",
-        help="convert a published draft checkpoint (research EAGLE-3, SpecForge, speculators) to this format or to speculators/vLLM",
+        help="convert a published draft checkpoint (EAGLE-1/2/HASS, EAGLE-3, SpecForge, speculators, Medusa, "
+        "MLP speculator) to this format, or export to speculators/vLLM",
         description="Convert the draft checkpoint SRC (a folder or a Hub id; HF_HUB_OFFLINE=1 reads the local cache) "
         "into DST. --from auto detects the format from config fields and tensor names and prints what it found. "
         "Only safetensors are written; pickles are read with torch.load(weights_only=True); DST appears only "
-        "when the conversion succeeded.",
+        "when the conversion succeeded. Formats: "
+        + ", ".join(f"{name} ({all_specs()[name].title})" for name in formats)
+        + (f"; recognised but not converted: {', '.join(planned)}" if planned else "")
+        + ". --to vllm writes what vLLM reads for the draft's family: the speculators format for EAGLE-3, vLLM's "
+        "native layouts for EAGLE-1 (method eagle; vLLM drops a fc bias, the export warns), Medusa (method medusa) "
+        "and the MLP speculator (method mlp_speculator).",
     )
     parser.add_argument("src", nargs="?", help="source checkpoint folder or Hub id")
     parser.add_argument("dst", nargs="?", help="output folder (must not exist, or be empty, unless --overwrite)")
     parser.add_argument("--from", dest="from_format", default="auto", choices=["auto", *formats])
-    parser.add_argument("--to", default="ours", choices=["ours", *exports])
+    parser.add_argument(
+        "--to",
+        default="ours",
+        choices=["ours", *all_export_targets()],
+        help="ours (default: speculators-hf format), speculators (EAGLE-3 only) or vllm (EAGLE-3, EAGLE-1, Medusa, "
+        "MLP speculator)",
+    )
     parser.add_argument(
         "--verifier",
         help="verifier Hub id or path: fills the verifier reference, is checked against the draft, and supplies "
-        "the input embedding when the source has none (required for research EAGLE-3)",
+        "the input embedding when the source has none (required for research EAGLE-3 and embedding-less EAGLE-1)",
     )
     parser.add_argument(
         "--set",

@@ -70,11 +70,21 @@ class DetectSpec(BaseModel):
 
 
 class TensorSpec(BaseModel):
-    """The tensors of a format, named as OUR layout after `renames` (source prefix -> our prefix)."""
+    """The tensors of a format, named as OUR layout after `renames` (source prefix -> our prefix) and
+    `patterns` (a regular expression matching a whole source name -> its replacement, tried when no
+    prefix rename applies; `\\1` refers to a group).
+
+    `indexed` declares index variables for repeated tensors (heads, stages): `{i: [start, stop]}` with
+    expressions as bounds; a layout name containing `{i}` stands for one tensor per i in that range.
+    `keep_prefixes`: when set, only source tensors starting with one of them are read (the rest of the
+    file, e.g. the fine-tuned verifier of a Medusa-2 checkpoint, is ignored)."""
 
     model_config = ConfigDict(extra="forbid")
 
     renames: list[tuple[str, str]] = Field(default_factory=list)
+    patterns: list[tuple[str, str]] = Field(default_factory=list)
+    keep_prefixes: list[str] = Field(default_factory=list)
+    indexed: dict[str, tuple[str | int, str | int]] = Field(default_factory=dict)
     layout: dict[str, list[str]] = Field(default_factory=dict)  # our name -> shape (expressions)
     optional: list[str] = Field(default_factory=list)
     drop: list[str] = Field(default_factory=list)  # read, reported and discarded
@@ -126,10 +136,12 @@ class EmbeddingSpec(BaseModel):
 
 
 class ExportSpec(BaseModel):
-    """What an export to this format must satisfy (checked after writing)."""
+    """What an export to this format must satisfy (checked after writing). `targets`: the names
+    `--to` accepts for it (default: the spec's name); several families may share a target (`vllm`)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    targets: list[str] = Field(default_factory=list)
     config_must_have: list[str] = Field(default_factory=list)
     model_type_allowed: list[str | None] = Field(default_factory=list)
     legacy_rope_keys: bool = False
@@ -188,6 +200,31 @@ def load_spec(name: str) -> FormatSpec:
 
 def supported_formats() -> list[str]:
     return [name for name, spec in all_specs().items() if spec.status == "supported"]
+
+
+def export_targets(spec: FormatSpec) -> list[str]:
+    """The `--to` names under which `spec` is written (none when it has no `export` block)."""
+    if spec.export is None:
+        return []
+    return spec.export.targets or [spec.name]
+
+
+def all_export_targets() -> list[str]:
+    return sorted({target for spec in all_specs().values() for target in export_targets(spec)})
+
+
+def exporter_for(target: str, family: str) -> FormatSpec:
+    """The spec that writes a `family` draft for `--to target`."""
+    candidates = [spec for spec in all_specs().values() if target in export_targets(spec)]
+    if not candidates:
+        raise ConversionError(f"cannot export to {target!r}; export targets: ours, {', '.join(all_export_targets())}")
+    for spec in candidates:
+        if spec.family == family:
+            return spec
+    raise ConversionError(
+        f"cannot export a {family} draft to {target!r}: {target!r} is written for the "
+        f"{sorted({s.family for s in candidates})} families only"
+    )
 
 
 def known_checkpoints() -> list[dict[str, Any]]:
@@ -357,11 +394,16 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, keep_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        if not keep_prefixes:
+            return load_file(str(path), device="cpu")
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+            return {name: f.get_tensor(name) for name in names if name.startswith(keep_prefixes)}
     except Exception as err:
         raise ConversionError(f"cannot read {path} as safetensors: {err}") from err
 
@@ -422,12 +464,19 @@ class Source:
                 return set(self.tensors())
         return names
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """All tensors, read (copied into memory) from the weight files."""
+    def tensors(self, keep_prefixes: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """All tensors, read (copied into memory) from the weight files; with `keep_prefixes`, only the
+        tensors whose names start with one of them (safetensors read just those)."""
         if self._tensors is None:
             tensors: dict[str, torch.Tensor] = {}
+            keep = tuple(keep_prefixes)
             for path in self.files():
-                part = read_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)
+                if path.suffix == ".safetensors":
+                    part = read_safetensors(path, keep) if keep else read_safetensors(path)
+                else:
+                    part = read_pickle(path)
+                    if keep:
+                        part = {name: t for name, t in part.items() if name.startswith(keep)}
                 for name in part:
                     if name in tensors:
                         raise ConversionError(f"{self.label}: tensor {name!r} appears in more than one file")
@@ -476,19 +525,57 @@ def open_source(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Source:
 # --------------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------------
+def our_name(name: str, spec: TensorSpec) -> str:
+    """A source tensor name in our layout: the first matching prefix rename, else the first matching
+    pattern, else unchanged."""
+    for old, new in spec.renames:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    for pattern, replacement in spec.patterns:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return match.expand(replacement)
+    return name
+
+
+def index_ranges(spec: TensorSpec, env: Mapping[str, Any], label: str) -> dict[str, range]:
+    ranges = {}
+    for var, (start, stop) in spec.indexed.items():
+        lo = int(evaluate(str(start), env, f"{label}: range of {{{var}}}"))
+        hi = int(evaluate(str(stop), env, f"{label}: range of {{{var}}}"))
+        ranges[var] = range(lo, hi)
+    return ranges
+
+
+def expand_layout(spec: TensorSpec, env: Mapping[str, Any], label: str) -> TensorSpec:
+    """The spec with every `{i}` name of `layout`/`optional` expanded over its `indexed` range."""
+    if not spec.indexed:
+        return spec
+    ranges = index_ranges(spec, env, label)
+
+    def expand(name: str) -> list[str]:
+        names = [name]
+        for var, values in ranges.items():
+            token = "{" + var + "}"
+            names = (
+                [n.replace(token, str(v)) for n in names for v in values] if any(token in n for n in names) else names
+            )
+        return names
+
+    layout = {concrete: shape for name, shape in spec.layout.items() for concrete in expand(name)}
+    optional = [concrete for name in spec.optional for concrete in expand(name)]
+    return spec.model_copy(update={"layout": layout, "optional": optional, "indexed": {}})
+
+
 def rename_tensors(
     tensors: Mapping[str, torch.Tensor], spec: TensorSpec, label: str, log: Callable[[str], None]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Apply the spec's prefix renames and drops. Returns (our name -> tensor, our name -> source name).
-    A tensor outside the layout is an error naming it."""
+    """Apply the spec's renames, patterns and drops. Returns (our name -> tensor, our name -> source
+    name). A tensor outside the layout (expanded first, see `expand_layout`) is an error naming it."""
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for name, tensor in tensors.items():
-        ours = name
-        for old, new in spec.renames:
-            if name.startswith(old):
-                ours = new + name[len(old) :]
-                break
+        ours = our_name(name, spec)
         if ours in spec.drop or name in spec.drop:
             log(f"dropping {name} {tuple(tensor.shape)} (not part of the draft: {label} keeps it for training only)")
             continue
@@ -505,7 +592,8 @@ def rename_tensors(
 
 
 def source_name(ours: str, spec: TensorSpec) -> str:
-    """The name a tensor of ours has in the source format (the first rename that produces it)."""
+    """The name a tensor of ours has in the source format (the first rename that produces it; names made
+    by `patterns` are reported as ours)."""
     for old, new in spec.renames:
         if ours.startswith(new):
             return old + ours[len(new) :]
@@ -698,3 +786,149 @@ def atomic_output(dst: Path) -> Iterator[Path]:
         tmp.rename(dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared by the converters of the non-EAGLE-3 families
+# --------------------------------------------------------------------------------------------------
+def bind_reference(
+    config: Any, ctx: Any, label: str, vocab_size: int | None, hidden_size: int | None, what: str = "draft"
+) -> None:
+    """Record what the draft requires of its verifier (`vocab_size`, `hidden_size`), then, with
+    `--verifier`, check the verifier against it (and against the fingerprint the source names) and
+    fill the reference. Errors list every field that differs."""
+    known = config.verifier
+    if ctx.verifier is not None:
+        ref = ctx.verifier.reference()
+        problems = []
+        if vocab_size is not None and ref["vocab_size"] is not None and ref["vocab_size"] != vocab_size:
+            problems.append(
+                f"vocab_size: the {what} was made for a vocabulary of {vocab_size} tokens, the verifier has "
+                f"{ref['vocab_size']}"
+            )
+        if hidden_size is not None and ref["hidden_size"] is not None and ref["hidden_size"] != hidden_size:
+            problems.append(
+                f"hidden_size: the {what} reads verifier hidden states of width {hidden_size}, the verifier's are "
+                f"{ref['hidden_size']}"
+            )
+        for name in ("num_hidden_layers", "bos_token_id", "eos_token_id", "pad_token_id"):
+            if known.get(name) is not None and ref.get(name) is not None and known[name] != ref[name]:
+                problems.append(f"{name}: the source names {known[name]!r}, the verifier has {ref[name]!r}")
+        if problems:
+            raise ConversionError(
+                f"{label}: verifier {ctx.verifier.name_or_path or '(loaded model)'} does not match the {what}:\n  "
+                + "\n  ".join(problems)
+            )
+        previous = known.get("name_or_path")
+        if previous and ref["name_or_path"] and previous != ref["name_or_path"]:
+            ctx.log(f"verifier: {previous} (from the source) replaced by {ref['name_or_path']}")
+        known.update({k: v for k, v in ref.items() if v is not None})
+    if known.get("vocab_size") is None:
+        known["vocab_size"] = vocab_size
+    if known.get("hidden_size") is None:
+        known["hidden_size"] = hidden_size
+
+
+def build_model(
+    model_class: Any,
+    config: Any,
+    tensors: Mapping[str, torch.Tensor],
+    origin: Mapping[str, str],
+    dtype: torch.dtype,
+    label: str,
+) -> Any:
+    """`model_class(config)` in `dtype` holding exactly `tensors` (every missing, unexpected or misshapen
+    tensor is listed in the error, by its source name)."""
+    from transformers.initialization import no_init_weights
+
+    from ..config import SpeculatorConfigError
+
+    try:
+        config.validate_speculator()
+        with no_init_weights():
+            model = model_class(config)
+    except (SpeculatorConfigError, TypeError, ValueError) as err:
+        raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
+    model.to(dtype)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    lines = [f"  missing {name}: the config needs shape {tuple(expected[name].shape)}" for name in missing]
+    lines += [f"  unexpected {origin.get(name, name)} {tuple(tensors[name].shape)}" for name in unexpected]
+    lines += [
+        f"  {origin.get(name, name)}: checkpoint shape {tuple(t.shape)}, the config needs {tuple(expected[name].shape)}"
+        for name, t in tensors.items()
+        if name in expected and t.shape != expected[name].shape
+    ]
+    if lines:
+        raise ConversionError(f"{label}: the tensors do not match the converted config:\n" + "\n".join(lines))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    return model.eval()
+
+
+def warn_non_finite(tensors: Mapping[str, torch.Tensor], origin: Mapping[str, str], label: str, log: Any) -> None:
+    broken = sorted(
+        origin.get(n, n) for n, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())
+    )
+    if broken:
+        log(f"warning: {label} has non-finite values (NaN/inf) in {broken}; they are copied as they are")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN equals the same NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(
+        a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+        b.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+    )
+
+
+def write_native(folder: Path, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Replace everything in `folder` by `config.json` and `model.safetensors` (a foreign layout)."""
+    from safetensors.torch import save_file
+
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def check_reimport(folder: Path, model: Any, spec: FormatSpec, module: Any, target: str) -> None:
+    """Import the written export again with `module` and compare it with `model`, tensor by tensor and
+    config field by config field (the export must be lossless)."""
+    from types import SimpleNamespace
+
+    config = json.loads((folder / "config.json").read_text())
+    source = Source(root=folder, label=f"export to {target}", config=config)
+    ctx = SimpleNamespace(verifier=None, overrides={}, log=lambda message: None, hub_kwargs={})
+    back = module.import_checkpoint(source, spec, ctx)
+    ours, theirs = model.state_dict(), back.state_dict()
+    if set(ours) != set(theirs):
+        raise ConversionError(
+            f"export to {target}: reading the export back gives other tensors: extra {sorted(set(theirs) - set(ours))}, "
+            f"missing {sorted(set(ours) - set(theirs))}"
+        )
+    for name, tensor in ours.items():
+        if not same_bits(tensor, theirs[name]):
+            raise ConversionError(f"export to {target}: the written tensor for {name} differs from the draft's")
+    schema = type(model.config).fields_schema
+    for key in schema.model_fields if schema is not None else ():
+        want, got = getattr(model.config, key), getattr(back.config, key)
+        if key == "transformer_layer_config":
+            want, got = _layer_view(want), _layer_view(got)
+        if want != got:
+            raise ConversionError(f"export to {target}: config field {key} reads back as {got!r}, not {want!r}")
+
+
+def _layer_view(layer: Any) -> dict[str, Any]:
+    ignore = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_attn_implementation"}
+    data = layer.to_dict() if hasattr(layer, "to_dict") else dict(layer)
+    return {k: v for k, v in data.items() if k not in ignore}

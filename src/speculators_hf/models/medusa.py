@@ -30,7 +30,7 @@ from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculator
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
-from .base import SpeculatorModel
+from .heads_base import HeadsSpeculator
 
 DEFAULT_HEADS = 5  # the published Medusa heads (Vicuna/Zephyr) hold five
 
@@ -85,7 +85,7 @@ class MedusaBlock(nn.Module):
         return hidden
 
 
-class MedusaSpeculator(SpeculatorModel):
+class MedusaSpeculator(HeadsSpeculator):
     """Medusa heads. Create them with `MedusaSpeculator.from_verifier(verifier)` or load a checkpoint."""
 
     config_class = MedusaSpeculatorConfig
@@ -123,14 +123,6 @@ class MedusaSpeculator(SpeculatorModel):
         return torch.stack([self.head_logits(i, hidden) for i in range(self.config.medusa_num_heads)])
 
     # -- the family contract -----------------------------------------------------------------------
-    def verifier_layer_ids(self) -> list[int]:
-        """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
-        return self.last_hidden_layer_ids()
-
-    def new_draft_state(self) -> dict[str, torch.Tensor]:
-        """No cache: only the newest verifier hidden state, kept under "hidden"."""
-        return {}
-
     def propose(
         self,
         state: dict[str, torch.Tensor],
@@ -142,14 +134,7 @@ class MedusaSpeculator(SpeculatorModel):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The newest token x_{n-1} came from the verifier's state at n-2 (the last feature), so head i
         on that state drafts x_{n+i}. At most `medusa_num_heads` tokens."""
-        if features and features[0].shape[1]:
-            state["hidden"] = features[0][:, -1:]
-        if "hidden" not in state:
-            raise VerifierBindingError(
-                "Medusa heads have no verifier hidden state to start from; the verifier must run before the "
-                "draft, as transformers' assisted generation does"
-            )
-        hidden, head = state["hidden"], 0
+        hidden, head = self.newest_hidden(state, features), 0
 
         def next_logits(token: torch.Tensor | None) -> torch.Tensor:
             nonlocal head
@@ -160,12 +145,6 @@ class MedusaSpeculator(SpeculatorModel):
         return draft_chain(input_ids, min(num_tokens, self.config.medusa_num_heads), pick, next_logits)
 
     # -- the tree loop: no cache; one call per round gives every depth --------------------------------
-    def new_tree_state(self, batch_size: int, device: Any = None) -> DraftTreeState:
-        return DraftTreeState()
-
-    def max_tree_depth(self) -> int | None:
-        return self.config.medusa_num_heads
-
     def tree_extend(
         self,
         state: DraftTreeState,

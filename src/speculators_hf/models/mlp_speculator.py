@@ -48,7 +48,7 @@ from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculator
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
-from .base import SpeculatorModel
+from .heads_base import HeadsSpeculator
 
 NORM_EPS = 1e-6  # fms LayerNormParameterized and vLLM MLPSpeculatorLayerNorm default
 # fms-extras' MLPSpeculatorConfig default (n_predict = 3); heads beyond the third default to 1 (no branching).
@@ -140,7 +140,7 @@ class MLPSpeculatorNorm(nn.Module):
         return x
 
 
-class MLPSpeculator(SpeculatorModel):
+class MLPSpeculator(HeadsSpeculator):
     """MLP speculator draft. Create one with `MLPSpeculator.from_verifier(verifier)` or load one."""
 
     config_class = MLPSpeculatorConfig
@@ -223,14 +223,6 @@ class MLPSpeculator(SpeculatorModel):
         return torch.stack(logits)
 
     # -- the family contract -----------------------------------------------------------------------
-    def verifier_layer_ids(self) -> list[int]:
-        """The post-norm last hidden state: id num_hidden_layers in `output_hidden_states` numbering."""
-        return self.last_hidden_layer_ids()
-
-    def new_draft_state(self) -> dict[str, torch.Tensor]:
-        """No cache: only the newest verifier hidden state, kept under "hidden"."""
-        return {}
-
     def propose(
         self,
         state: dict[str, torch.Tensor],
@@ -242,14 +234,7 @@ class MLPSpeculator(SpeculatorModel):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The newest token x_{n-1} came from the verifier's state at n-2 (the last feature): stage 0 reads
         both and predicts x_n, stage i reads stage i-1's state and drafted token. At most n_predict tokens."""
-        if features and features[0].shape[1]:
-            state["hidden"] = features[0][:, -1:]
-        if "hidden" not in state:
-            raise VerifierBindingError(
-                "the MLP speculator has no verifier hidden state to start from; the verifier must run before "
-                "the draft, as transformers' assisted generation does"
-            )
-        hidden = self.input_state(state["hidden"])
+        hidden = self.input_state(self.newest_hidden(state, features))
         head = 0
         device = hidden.device
 
@@ -263,12 +248,6 @@ class MLPSpeculator(SpeculatorModel):
         return draft_chain(input_ids, min(num_tokens, self.config.n_predict), pick, next_logits)
 
     # -- the tree loop: no cache; a node's handle is its state, stage = its depth ---------------------
-    def new_tree_state(self, batch_size: int, device: Any = None) -> DraftTreeState:
-        return DraftTreeState()
-
-    def max_tree_depth(self) -> int | None:
-        return self.config.n_predict
-
     def tree_extend(
         self,
         state: DraftTreeState,
