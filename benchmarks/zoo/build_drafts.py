@@ -46,7 +46,7 @@ RECIPES = {
     "eagle3": ({"draft_vocab_size": 2048}, {"steps": 1200, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 3}),
     "eagle": ({}, {"steps": 600, "batch_size": 8, "learning_rate": 2e-3}),
     "medusa": ({"medusa_num_heads": 4}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
-    "mlp_speculator": ({"n_predict": 3}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
+    "mlp_speculator": ({"n_predict": 3}, {"steps": 300, "batch_size": 8, "learning_rate": 2e-3}),
     "independent": ({}, {"steps": 1000, "batch_size": 8, "learning_rate": 2e-3}),
 }
 

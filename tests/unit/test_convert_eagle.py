@@ -220,7 +220,8 @@ def test_vllm_export_and_round_trip(tmp_path, verifier, verifier_dir):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
-    assert config["bias"] is True and config["rope_theta"] == 10000.0 and config["num_hidden_layers"] == 1
+    # fc bias: `bias` absent (the research default, true); an explicit true means attention biases to vLLM
+    assert "bias" not in config and config["rope_theta"] == 10000.0 and config["num_hidden_layers"] == 1
     with safe_open(exported / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert keys == set(read(src))  # exactly the research / vLLM names (no model. prefix, no lm_head)

@@ -113,10 +113,14 @@ def native_config(model: EagleSpeculator) -> dict[str, Any]:
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(f"export to vllm: RoPE scaling {rope} has no research EAGLE-1 equivalent")
     verifier = model.config.verifier
+    # `bias` means the fc bias to the research code (absent = true) but attention biases to vLLM's llama
+    # layer (absent = false): an explicit `"bias": true` gives vLLM's draft uninitialised (NaN) q/k/v/o
+    # biases (seen in vLLM 0.32, conversion/check_vllm_native.py). So the key is written only when false.
+    fc_bias = {} if model.config.fc_bias else {"bias": False}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "bias": bool(model.config.fc_bias),
+        **fc_bias,
         "hidden_act": layer.hidden_act,
         "hidden_size": layer.hidden_size,
         "head_dim": layer.head_dim,
