@@ -275,3 +275,18 @@ def test_unexpected_tensor_is_an_error_for_every_family(tmp_path):
         save_file({**weights, "extra.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(sh.SpeculatorLoadError, match=r"unexpected extra\.weight"):
             model_class.from_pretrained(folder)
+
+
+def test_dtype_applies_to_every_family(tmp_path):
+    """`dtype=` reaches every weight, also the independent LM built from a nested config that records its
+    own dtype (as a trained draft's does)."""
+    verifier = make_verifier()
+    for _, model_class in FAMILIES:
+        folder = tmp_path / model_class.__name__
+        draft = model_class.from_verifier(verifier)
+        if hasattr(draft.config, "draft_model_config"):
+            draft.config.draft_model_config.dtype = "float32"
+        draft.save_pretrained(folder)
+        loaded = model_class.from_pretrained(folder, dtype=torch.float16)
+        floats = {p.dtype for p in loaded.parameters()}
+        assert floats == {torch.float16}, (model_class.__name__, floats)
