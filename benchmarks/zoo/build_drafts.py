@@ -49,6 +49,17 @@ RECIPES = {
     "mlp_speculator": ({"n_predict": 3}, {"steps": 300, "batch_size": 8, "learning_rate": 2e-3}),
     "independent": ({}, {"steps": 1000, "batch_size": 8, "learning_rate": 2e-3}),
 }
+# further stages, continuing from the previous stage's draft (written to drafts/<family>/stage<N>/)
+FOLLOW_UPS = {
+    # the first stage unrolls 3 steps (cheap); drafting runs 5, so the deeper steps are trained here
+    "eagle3": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "ttt_steps": 5, "warmup_steps": 20}],
+}
+
+
+def final_dir(out: Path, family: str) -> Path:
+    """Where the last stage of `family`'s recipe writes its draft."""
+    stages = FOLLOW_UPS.get(family, [])
+    return out / (f"stage{len(stages) + 1}" if stages else "") / "final"
 
 
 def windows(tokenizer, text: str, n: int, length: int, seed: int) -> list[list[int]]:
@@ -116,25 +127,44 @@ def main() -> None:
 
     for family in args.families.split(","):
         out = work / "drafts" / family
-        if (out / "final" / "config.json").exists():
+        if (final_dir(out, family) / "config.json").exists():
             print(f"{family}: already trained")
             continue
-        ctor, settings = RECIPES[family]
-        draft_class = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}[family]
-        draft = draft_class.from_verifier(verifier, **ctor)
-        if getattr(draft, "d2t", None) is not None:
-            select_draft_vocab(draft, input_ids, loss_mask)
-            draft.init_from_verifier(verifier)
-        features = None
-        if draft.verifier_layer_ids():
+        if not (out / "final" / "config.json").exists():
+            train_first_stage(family, out, verifier, input_ids, loss_mask, data_dir, eval_prompts, args.steps_scale)
+        follow_ups = FOLLOW_UPS.get(family, [])
+        if follow_ups:
+            draft = sh.load_draft(out / "final").bind_verifier(verifier)
             features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
-        print(f"{family}: untrained {measure_acceptance(verifier, draft, eval_prompts, 64)}")
-        settings = {**settings, "steps": int(settings["steps"] * args.steps_scale)}
-        config = TrainConfig(
-            output_dir=str(out), save_every=500, log_every=50, warmup_steps=100, eval_max_new_tokens=64, **settings
-        )
-        result = train(draft, verifier, DraftDataset(input_ids, loss_mask, features), config, eval_prompts=eval_prompts)
-        print(f"{family}: {result['evals']}")
+            for n, stage in enumerate(follow_ups, start=2):
+                config = TrainConfig(
+                    output_dir=str(out / f"stage{n}"), save_every=500, log_every=50, eval_max_new_tokens=64, **stage
+                )
+                dataset = DraftDataset(input_ids, loss_mask, features)
+                result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts)
+                print(f"{family} stage {n}: {result['evals']}")
+
+
+def train_first_stage(
+    family: str, out: Path, verifier, input_ids, loss_mask, data_dir: Path, eval_prompts, steps_scale: float
+) -> None:
+    """A new draft of `family` trained with its recipe to `out/final`."""
+    ctor, settings = RECIPES[family]
+    draft_class = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}[family]
+    draft = draft_class.from_verifier(verifier, **ctor)
+    if getattr(draft, "d2t", None) is not None:
+        select_draft_vocab(draft, input_ids, loss_mask)
+        draft.init_from_verifier(verifier)
+    features = None
+    if draft.verifier_layer_ids():
+        features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+    print(f"{family}: untrained {measure_acceptance(verifier, draft, eval_prompts, 64)}")
+    settings = {**settings, "steps": int(settings["steps"] * steps_scale)}
+    config = TrainConfig(
+        output_dir=str(out), save_every=500, log_every=50, warmup_steps=100, eval_max_new_tokens=64, **settings
+    )
+    result = train(draft, verifier, DraftDataset(input_ids, loss_mask, features), config, eval_prompts=eval_prompts)
+    print(f"{family}: {result['evals']}")
 
 
 def publish(work: Path, families: list[str]) -> None:
@@ -148,14 +178,15 @@ def publish(work: Path, families: list[str]) -> None:
         AutoTokenizer.from_pretrained(work / "verifier" / "final").save_pretrained(Path(tmp) / "verifier")
         save_to_hub_cache(Path(tmp) / "verifier", VERIFIER_ID, hub)
         for family in families:
-            final = work / "drafts" / family / "final"
+            final = final_dir(work / "drafts" / family, family)
             if not (final / "config.json").exists():
                 continue
             draft = sh.load_draft(final, dtype=torch.float16)
             draft.config.verifier["name_or_path"] = VERIFIER_ID
             draft.save_pretrained(Path(tmp) / family)
             save_to_hub_cache(Path(tmp) / family, f"speculators-hf/zoo-{family}", hub)
-            summary = json.loads((final / "training_summary.json").read_text())
+            stages = [work / "drafts" / family / "final", *sorted((work / "drafts" / family).glob("stage*/final"))]
+            summary = [json.loads((f / "training_summary.json").read_text()) for f in stages]
             (ZOO / f"training_{family}.json").write_text(json.dumps(summary, indent=1))
     (ZOO / "prompts.json").write_text((work / "prompts.json").read_text())
     for log in ("training_log.jsonl",):

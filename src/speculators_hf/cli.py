@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
     demo.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
-    demo.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
+    demo.add_argument("--prompt", default="import os\nimport sys\n\ndef main(argv):\n    ", help="prompt text")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")
     demo.add_argument("--repeats", type=int, default=1, help="timed repetitions (best is kept)")

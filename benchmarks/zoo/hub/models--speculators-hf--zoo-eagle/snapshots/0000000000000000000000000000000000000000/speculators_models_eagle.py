@@ -1,0 +1,1 @@
+../../blobs/429c17a3eca17f8ecd76b1351121bd694a8f0bbb3903aba1acbf04f371ef6862

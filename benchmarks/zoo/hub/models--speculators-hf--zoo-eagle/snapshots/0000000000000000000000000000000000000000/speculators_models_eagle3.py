@@ -1,0 +1,1 @@
+../../blobs/0c276f0e4ad574249e91fea6f75f7ad7dccb182173ff055b883253c21bedc5fd

@@ -1,0 +1,1 @@
+../../blobs/5774954637900d24a4adfda5c50f1dbf97aa153ab2ba578dd0f2b1a796be2e39

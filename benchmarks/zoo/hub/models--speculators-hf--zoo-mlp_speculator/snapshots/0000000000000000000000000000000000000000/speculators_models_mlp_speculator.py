@@ -1,0 +1,1 @@
+../../blobs/82d0a44ccf901e14e1eeb90996b2e8bb581a8bf6e48e52600be27f78bfaa698b
