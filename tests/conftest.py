@@ -288,6 +288,15 @@ def assert_rounds_match_recomputation(
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def rewrite_weights(folder: Path, edit) -> None:
+    """Edit a saved checkpoint's model.safetensors in place (`edit` mutates the dict of tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def publish_to_hub_cache(folder: Path, repo_id: str, cache_dir: Path) -> None:
     """A folder as a downloaded Hub repo in `cache_dir` (for HF_HUB_OFFLINE=1 loading by repo id)."""
     from speculators_hf.loading import save_to_hub_cache

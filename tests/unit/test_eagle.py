@@ -17,11 +17,11 @@ from conftest import (
     fresh_proposals,
     make_prompts,
     make_verifier,
+    rewrite_weights,
     run_without_package,
     verifier_features,
 )
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from speculators_hf.config import SpeculatorConfig, SpeculatorConfigError
 from speculators_hf.generation import TokenPicker, VerifierBindingError, expand_draft_vocab
@@ -348,12 +348,6 @@ def test_exact_after_save_load_with_remote_code_and_package_hidden(tmp_path):
 def saved_draft(tmp_path):
     EagleSpeculator.from_verifier(make_verifier()).save_pretrained(tmp_path / "draft")
     return tmp_path / "draft"
-
-
-def rewrite_weights(folder, edit):
-    weights = load_file(folder / "model.safetensors")
-    edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def test_wrong_fc_shape_is_an_error_naming_it(saved_draft):

@@ -20,10 +20,11 @@ from conftest import (
     fresh_proposals,
     make_prompts,
     make_verifier,
+    rewrite_weights,
     run_without_package,
     verifier_features,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from speculators_hf.config import SpeculatorConfig, SpeculatorConfigError
 from speculators_hf.generation import TokenPicker, VerifierBindingError
@@ -321,12 +322,6 @@ def test_exact_after_save_load_with_remote_code_and_package_hidden(tmp_path):
 def saved_draft(tmp_path):
     new_draft(make_verifier(), n_predict=3).save_pretrained(tmp_path / "draft")
     return tmp_path / "draft"
-
-
-def rewrite_weights(folder, edit) -> None:
-    weights = load_file(folder / "model.safetensors")
-    edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def test_missing_tensor_is_an_error_naming_it(saved_draft):

@@ -20,6 +20,7 @@ import torch
 
 from ..config import SpeculatorConfigError, default_speculators_config
 from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids
+from . import core
 from .core import (
     ConversionError,
     FormatSpec,
@@ -253,25 +254,7 @@ def build_model(
     dtype: torch.dtype,
     label: str,
 ) -> Eagle3Speculator:
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        model = Eagle3Speculator(config)
-    model.to(dtype)  # type: ignore[arg-type]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    lines = [f"  missing {name}: the config needs shape {tuple(expected[name].shape)}" for name in missing]
-    lines += [f"  unexpected {origin.get(name, name)} {tuple(tensors[name].shape)}" for name in unexpected]
-    lines += [
-        f"  {origin.get(name, name)}: checkpoint shape {tuple(t.shape)}, the config needs {tuple(expected[name].shape)}"
-        for name, t in tensors.items()
-        if name in expected and t.shape != expected[name].shape
-    ]
-    if lines:
-        raise ConversionError(f"{label}: the tensors do not match the converted config:\n" + "\n".join(lines))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
-    return model.eval()
+    return core.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)
 
 
 def finish(
