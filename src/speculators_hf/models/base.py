@@ -351,9 +351,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         kwargs["ignore_mismatched_sizes"] = True
         loaded: Any = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model, info = loaded
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):  # also submodules built from a nested config (the independent LM)
-            model.to(dtype)
         missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
         mismatched = sorted(info.get("mismatched_keys", []))
         # An unexpected tensor is an error too: dropping it would change the maths silently (an fc bias

@@ -50,7 +50,9 @@ class IndependentSpeculator(SpeculatorModel):
     def __init__(self, config: IndependentSpeculatorConfig):
         super().__init__(config)
         config.draft_model_config._attn_implementation = config._attn_implementation or "sdpa"
-        self.model = AutoModelForCausalLM.from_config(config.draft_model_config)
+        # in the dtype the draft is being built in (from_pretrained's `dtype=` sets the default), not the one
+        # the nested config recorded when it was saved
+        self.model = AutoModelForCausalLM.from_config(config.draft_model_config, dtype=torch.get_default_dtype())
         self.post_init()
 
     @classmethod
