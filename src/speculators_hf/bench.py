@@ -169,10 +169,11 @@ def _batched_run(
 ) -> tuple[list[torch.Tensor], float, GenerationStats]:
     """Left-padded batches of `batch_size` prompts through the verifier alone (draft None) or the package's
     loop; returns each row as prompt + its new tokens up to its eos (padding removed), seconds, stats."""
-    from .generation.loop import generate
+    from .generation.loop import eos_token_ids, generate
 
     pad = verifier.generation_config.pad_token_id
     pad = 0 if pad is None else int(pad)
+    eos_ids = eos_token_ids(verifier.generation_config)
     outputs, seconds, stats = [], 0.0, GenerationStats()
     starts = [-1] * warmup + list(range(0, len(prompts), batch_size))  # -1: a short warm-up batch
     for start in starts:
@@ -200,8 +201,6 @@ def _batched_run(
         seconds += time.perf_counter() - t0
         if draft is not None:
             stats = stats + draft.generation_stats
-        eos = verifier.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         for row, prompt in enumerate(group):
             new = out[row, width:].cpu().tolist()
             end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))

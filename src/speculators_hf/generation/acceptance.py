@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from .sampling import TokenPicker
 from .tree import DraftTree
 
 
-class Sampler:
+class Sampler(TokenPicker):
     """The verifier's decoding rule, applied alike to verifier and draft logits: argmax (greedy) or a
-    draw from softmax of the logits after temperature, top-k and top-p."""
+    draw from softmax of the logits after temperature, top-k and top-p (a `TokenPicker` whose processors
+    are those warpers)."""
 
     def __init__(
         self,
@@ -35,38 +37,29 @@ class Sampler:
         top_p: float | None = None,
         generator: torch.Generator | None = None,
     ):
-        self.do_sample = do_sample
-        self.generator = generator
-        self.warpers: list = []
+        warpers: list = []
         if do_sample:
             if temperature is not None and temperature != 1.0:
                 if temperature <= 0:
                     raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-                self.warpers.append(TemperatureLogitsWarper(temperature))
+                warpers.append(TemperatureLogitsWarper(temperature))
             if top_k:
-                self.warpers.append(TopKLogitsWarper(top_k))
+                warpers.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(top_p))
+                warpers.append(TopPLogitsWarper(top_p))
+        super().__init__(warpers, do_sample, generator)
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 scores [..., V] after the warpers (identity when greedy)."""
-        scores = logits.float()
-        if not self.warpers:
-            return scores
-        flat = scores.reshape(-1, scores.shape[-1])
-        for warper in self.warpers:
-            flat = warper(None, flat)  # type: ignore[arg-type]
-        return flat.reshape(scores.shape)
+        return self.process(None, logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.warp(logits), dim=-1)
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B, V] -> (token [B], the distribution it was drawn from [B, V], or None when greedy)."""
-        if not self.do_sample:
-            return logits.argmax(dim=-1), None
-        probs = self.probs(logits)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), probs
+        token, scores = self(None, logits)
+        return token, torch.softmax(scores, dim=-1) if self.do_sample else None
 
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator).item())

@@ -64,7 +64,8 @@ def _generation_config(verifier: Any, generation_config: GenerationConfig | None
     return config
 
 
-def _eos_ids(config: GenerationConfig) -> set[int]:
+def eos_token_ids(config: GenerationConfig) -> set[int]:
+    """The eos ids of a generation config, as a set (empty when it has none)."""
     eos = config.eos_token_id
     if eos is None:
         return set()
@@ -131,7 +132,7 @@ def generate(
     max_new = config.max_new_tokens
     if max_new is None:
         max_new = max(int(config.max_length or 20) - ids.shape[1], 0)
-    eos = _eos_ids(config)
+    eos = eos_token_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (min(eos) if eos else 0)
     sampler = Sampler(bool(config.do_sample), config.temperature, config.top_k, config.top_p, generator)
     accept = accept_greedy if not sampler.do_sample else None

@@ -52,11 +52,16 @@ class TokenPicker:
         self.do_sample = do_sample
         self.generator = generator
 
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
+    def process(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """float32 scores [B, V] after the logits processors."""
         scores = logits.float()
         for processor in self.processors:
             scores = processor(input_ids, scores)  # type: ignore[arg-type]
+        return scores
+
+    def __call__(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
+        scores = self.process(input_ids, logits)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
             token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
