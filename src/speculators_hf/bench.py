@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,23 @@ def _run(
     return outputs, total
 
 
+@dataclass
+class _Measured:
+    """One timed run of a method over every prompt."""
+
+    outputs: list[torch.Tensor]
+    seconds: float
+    stats: GenerationStats | None = None  # for our drafts
+    draft_seconds: float = 0.0  # time inside the draft's propose() (transformers-integrated rows)
+
+
+@dataclass
+class _Method:
+    name: str
+    k: int | None
+    measure: Callable[[bool], _Measured]  # measure(warmup)
+
+
 def run_bench(
     verifier: Any,
     prompts: list[torch.Tensor],
@@ -89,67 +109,143 @@ def run_bench(
     warmup: bool = True,
     trees: list[str] | None = None,
     batch_size: int = 1,
+    repeats: int = 1,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
     `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop.
     `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
     on left-padded batches of that many prompts; their speedup is throughput over the verifier alone at
-    batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself."""
-    if warmup:  # first calls pay for allocations and lazy initialisation
-        _run(verifier, prompts[:1], 8)
-    reference, base_s = _run(verifier, prompts, max_new_tokens)
-    tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(reference, prompts))
-    forward_s = base_s / tokens  # one verifier forward pass per token when decoding alone
-    results = [BenchResult("verifier alone", None, 1.0, tokens, base_s, tokens / base_s)]
+    batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself.
+    `repeats` > 1: every method is run that many times, the methods taking turns (so that a slow spell
+    of a shared machine falls on all of them), and each row reports its median run."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    methods = [_Method("verifier alone", None, lambda warm: _Measured(*_run(verifier, prompts, max_new_tokens)))]
 
-    def add(
-        method: str, k: int | None, outputs: list[torch.Tensor], seconds: float, tau: float, **extra: Any
-    ) -> BenchResult:
-        n = sum(o.shape[1] - p.shape[1] for o, p in zip(outputs, prompts))
-        exact = all(torch.equal(a, b) for a, b in zip(outputs, reference))
-        result = BenchResult(method, k, tau, n, seconds, n / seconds, base_s / seconds, exact, **extra)
-        results.append(result)
-        return result
+    def transformers_method(name: str, k: int, **kwargs: Any) -> _Method:
+        def measure(warm: bool) -> _Measured:
+            lm = kwargs.get("assistant_model")
+            if lm is not None:  # a small LM's draft length lives in its generation config
+                lm.generation_config.num_assistant_tokens = k
+                lm.generation_config.num_assistant_tokens_schedule = "constant"
+            if warm:
+                _run(verifier, prompts[:1], 8, **kwargs)
+            return _Measured(*_run(verifier, prompts, max_new_tokens, **kwargs))
+
+        return _Method(name, k, measure)
+
+    def draft_method(name: str, draft: Any, k: int) -> _Method:
+        def measure(warm: bool) -> _Measured:
+            if warm:
+                _run(verifier, prompts[:1], 8, assistant_model=draft, num_assistant_tokens=k)
+            run = _Measured([], 0.0, GenerationStats())
+            with _DraftTimer(draft) as timer:
+                for prompt in prompts:  # one call per prompt: the stats are per generate() call
+                    out, seconds = _run(
+                        verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k
+                    )
+                    run.outputs += out
+                    run.seconds += seconds
+                    run.stats = run.stats + draft.generation_stats  # type: ignore[operator]
+            run.draft_seconds = timer.seconds
+            return run
+
+        return _Method(name, k, measure)
 
     for k in k_values:
         if assistant_lm is not None:
-            assistant_lm.generation_config.num_assistant_tokens = k
-            assistant_lm.generation_config.num_assistant_tokens_schedule = "constant"
-            if warmup:
-                _run(verifier, prompts[:1], 8, assistant_model=assistant_lm)
-            outputs, seconds = _run(verifier, prompts, max_new_tokens, assistant_model=assistant_lm)
-            add("transformers assisted (small LM)", k, outputs, seconds, float("nan"))
+            methods.append(transformers_method("transformers assisted (small LM)", k, assistant_model=assistant_lm))
         if prompt_lookup:
-            outputs, seconds = _run(verifier, prompts, max_new_tokens, prompt_lookup_num_tokens=k)
-            add("prompt lookup", k, outputs, seconds, float("nan"))
-        for name, draft in drafts.items():
-            if warmup:
-                _run(verifier, prompts[:1], 8, assistant_model=draft, num_assistant_tokens=k)
-            stats = GenerationStats()
-            outputs, seconds = [], 0.0
-            with _DraftTimer(draft) as timer:
-                for prompt in prompts:
-                    out, s = _run(verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k)
-                    outputs += out
-                    seconds += s
-                    stats = stats + draft.generation_stats
-            cost_ratio = (timer.seconds / max(stats.drafted_tokens, 1)) / forward_s
-            add(name, k, outputs, seconds, stats.tau, cost_ratio=cost_ratio, ideal_speedup=stats.tau / (1 + k * cost_ratio),
-                extra={"acceptance_rate": stats.acceptance_rate, "draft_seconds": timer.seconds})  # fmt: skip
+            methods.append(transformers_method("prompt lookup", k, prompt_lookup_num_tokens=k))
+        methods += [draft_method(name, draft, k) for name, draft in drafts.items()]
     for tree in trees or []:
         for name, draft in drafts.items():
-            add(*_tree_run(verifier, draft, prompts, tree, max_new_tokens, warmup, name))
+            methods.append(
+                _Method(f"{name} (tree {tree})", _tree_depth(tree), partial(_tree_run, verifier, draft, prompts, tree, max_new_tokens))
+            )  # fmt: skip
     if batch_size > 1:
         batch_trees = trees or [f"chain:{k_values[len(k_values) // 2]}"]
         runs: list[tuple[str, Any, str | None]] = [(f"verifier alone (batch {batch_size})", None, None)]
         runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
-        for method, draft, batch_tree in runs:
-            outputs, seconds, stats = _batched_run(
-                verifier, draft, prompts, batch_size, batch_tree, max_new_tokens, warmup
-            )
-            depth = None if batch_tree is None else _tree_depth(batch_tree)
-            add(method, depth, outputs, seconds, float("nan") if draft is None else stats.tau)
+        for label, draft, batch_tree in runs:
+            measure = partial(_batched_run, verifier, draft, prompts, batch_size, batch_tree, max_new_tokens)
+            methods.append(_Method(label, None if batch_tree is None else _tree_depth(batch_tree), measure))
+
+    if warmup:  # first calls pay for allocations and lazy initialisation
+        _run(verifier, prompts[:1], 8)
+    measured: list[list[_Measured]] = [[] for _ in methods]
+    for repeat in range(repeats):
+        for method, runs_of_method in zip(methods, measured):
+            runs_of_method.append(method.measure(warmup and repeat == 0))
+    reference = measured[0][0].outputs
+    base_s = _median_run(measured[0]).seconds
+    tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(reference, prompts))
+    forward_s = base_s / tokens  # one verifier forward pass per token when decoding alone
+
+    results = []
+    for method, runs_of_method in zip(methods, measured):
+        run = _median_run(runs_of_method)
+        n = sum(o.shape[1] - p.shape[1] for o, p in zip(run.outputs, prompts))
+        exact = all(torch.equal(a, b) for r in runs_of_method for a, b in zip(r.outputs, reference))
+        result = BenchResult(
+            method.name, method.k, float("nan"), n, run.seconds, n / run.seconds, base_s / run.seconds, exact
+        )
+        if method.name == "verifier alone":
+            result.tau = 1.0
+        if run.stats is not None:
+            result.tau = run.stats.tau
+            result.extra["acceptance_rate"] = run.stats.acceptance_rate
+        if run.draft_seconds and run.stats is not None and method.k:
+            result.cost_ratio = (run.draft_seconds / max(run.stats.drafted_tokens, 1)) / forward_s
+            result.ideal_speedup = run.stats.tau / (1 + method.k * result.cost_ratio)
+            result.extra["draft_seconds"] = run.draft_seconds
+        if repeats > 1:
+            result.extra["seconds_of_each_run"] = [r.seconds for r in runs_of_method]
+        results.append(result)
     return results
+
+
+def _median_run(runs: list[_Measured]) -> _Measured:
+    return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+
+
+@torch.inference_mode()
+def verification_costs(verifier: Any, widths: list[int], context: int = 128, samples: int = 30) -> dict[int, float]:
+    """What verifying n tokens at once costs, in passes over one token: the median time of a verifier pass
+    over n new tokens after `context` cached ones (as the package's loop runs it: explicit positions, a 4D
+    mask, a `MaskedCache`), divided by the same for n = 1. This is what decides between chains and trees
+    on a machine: a tree pays when its extra tau outweighs the extra cost of its width."""
+    from .generation.kvcache import MaskedCache, causal_block
+
+    vocab = verifier.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    cache = MaskedCache(1, verifier.device)
+    ids = torch.randint(vocab, (1, context), generator=generator).to(verifier.device)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    mask = cache.mask(causal_block(valid), verifier.dtype)
+    verifier(
+        input_ids=ids,
+        position_ids=torch.arange(context, device=ids.device)[None],
+        attention_mask=mask,
+        cache=cache.cache,
+    )
+    cache.commit(valid)
+    seconds = {}
+    for n in sorted({1, *widths}):
+        block = torch.randint(vocab, (1, n), generator=generator).to(verifier.device)
+        positions = torch.arange(context, context + n, device=block.device)[None]
+        mask = cache.mask(causal_block(torch.ones_like(block, dtype=torch.bool)), verifier.dtype)
+        times = []
+        for i in range(samples + 3):  # 3 warm-up passes
+            _sync(verifier.device)
+            start = time.perf_counter()
+            verifier(input_ids=block, position_ids=positions, attention_mask=mask, cache=cache.cache, use_cache=True)
+            _sync(verifier.device)
+            cache.truncate()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        seconds[n] = statistics.median(times)
+    return {n: t / seconds[1] for n, t in seconds.items()}
 
 
 def _tree_depth(tree: str) -> int:
@@ -166,15 +262,15 @@ def _batched_run(
     tree: str | None,
     max_new_tokens: int,
     warmup: bool,
-) -> tuple[list[torch.Tensor], float, GenerationStats]:
+) -> _Measured:
     """Left-padded batches of `batch_size` prompts through the verifier alone (draft None) or the package's
-    loop; returns each row as prompt + its new tokens up to its eos (padding removed), seconds, stats."""
+    loop; outputs are each row as prompt + its new tokens up to its eos (padding removed)."""
     from .generation.loop import eos_token_ids, generate
 
     pad = verifier.generation_config.pad_token_id
     pad = 0 if pad is None else int(pad)
     eos_ids = eos_token_ids(verifier.generation_config)
-    outputs, seconds, stats = [], 0.0, GenerationStats()
+    run = _Measured([], 0.0, None if draft is None else GenerationStats())
     starts = [-1] * warmup + list(range(0, len(prompts), batch_size))  # -1: a short warm-up batch
     for start in starts:
         group = prompts[max(start, 0) : max(start, 0) + batch_size]
@@ -198,26 +294,25 @@ def _batched_run(
         _sync(verifier.device)
         if start < 0:
             continue
-        seconds += time.perf_counter() - t0
-        if draft is not None:
-            stats = stats + draft.generation_stats
+        run.seconds += time.perf_counter() - t0
+        if run.stats is not None:
+            run.stats = run.stats + draft.generation_stats
         for row, prompt in enumerate(group):
             new = out[row, width:].cpu().tolist()
             end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
-            outputs.append(torch.cat([prompt, torch.tensor([new[:end]], dtype=prompt.dtype)], dim=1))
-    return outputs, seconds, stats
+            run.outputs.append(torch.cat([prompt, torch.tensor([new[:end]], dtype=prompt.dtype)], dim=1))
+    return run
 
 
 def _tree_run(
-    verifier: Any, draft: Any, prompts: list[torch.Tensor], tree: str, max_new_tokens: int, warmup: bool, name: str
-) -> tuple[str, int, list[torch.Tensor], float, float]:
-    """`speculators_hf.generate` with `tree`, one prompt at a time: (method, depth, outputs, seconds, tau)."""
+    verifier: Any, draft: Any, prompts: list[torch.Tensor], tree: str, max_new_tokens: int, warmup: bool
+) -> _Measured:
+    """`speculators_hf.generate` with `tree`, one prompt at a time."""
     from .generation.loop import generate
-    from .generation.tree import TreeSpec
 
     if warmup:
         generate(verifier, draft, prompts[0].to(verifier.device), tree=tree, max_new_tokens=8, do_sample=False)
-    outputs, seconds, stats = [], 0.0, GenerationStats()
+    run = _Measured([], 0.0, GenerationStats())
     for prompt in prompts:
         _sync(verifier.device)
         start = time.perf_counter()
@@ -225,10 +320,10 @@ def _tree_run(
             verifier, draft, prompt.to(verifier.device), tree=tree, max_new_tokens=max_new_tokens, do_sample=False
         )
         _sync(verifier.device)
-        seconds += time.perf_counter() - start
-        outputs.append(out.cpu())
-        stats = stats + draft.generation_stats
-    return f"{name} (tree {tree})", TreeSpec.parse(tree).depth, outputs, seconds, stats.tau
+        run.seconds += time.perf_counter() - start
+        run.outputs.append(out.cpu())
+        run.stats = run.stats + draft.generation_stats  # type: ignore[operator]
+    return run
 
 
 def machine_description() -> str:
@@ -250,12 +345,22 @@ def markdown_table(results: list[BenchResult]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def verification_table(costs: dict[int, float]) -> str:
+    """Markdown table of `verification_costs`."""
+    head = "| tokens verified in one pass | cost (passes over one token) |\n|---|---|\n"
+    return head + "\n".join(f"| {n} | {cost:.2f} |" for n, cost in sorted(costs.items())) + "\n"
+
+
 def write_report(results: list[BenchResult], out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """results.json, results.md and speedup.png (if matplotlib is installed) under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
     table = markdown_table(results)
+    if meta.get("verification_cost"):
+        table += "\nVerifier pass cost by width (`verification_costs`):\n\n" + verification_table(
+            meta["verification_cost"]
+        )
     (out / "results.md").write_text(f"Machine: {meta.get('machine')}\n\nCommand: `{meta.get('command')}`\n\n{table}")
     try:
         import matplotlib

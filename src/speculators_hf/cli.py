@@ -103,7 +103,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import machine_description, markdown_table, run_bench, write_report
+    from .bench import (
+        machine_description,
+        markdown_table,
+        run_bench,
+        verification_costs,
+        verification_table,
+        write_report,
+    )
+    from .generation.tree import TreeSpec
     from .loading import load_draft
     from .zoo import load_zoo_draft, zoo_families, zoo_prompts
 
@@ -144,15 +152,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
         trees=args.tree,
         batch_size=args.batch_size,
+        repeats=args.repeats,
     )  # fmt: skip
+    widths = [k + 1 for k in k_values] + [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or []]
     meta = {
         "machine": machine_description(),
         "command": "speculators-hf " + " ".join(sys.argv[1:]),
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "verification_cost": verification_costs(verifier, widths),
     }
     out = write_report(results, args.out, meta)
     print(markdown_table(results))
+    print(verification_table(meta["verification_cost"]))
     print(f"written to {out}")
     return 0 if all(r.exact for r in results) else 1
 
@@ -344,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch-size", type=int, default=1, help="also measure throughput on batches of this many prompts (own loop)"
     )
+    bench.add_argument(
+        "--repeats", type=int, default=1, help="run every method this many times, taking turns, and report each "
+        "method's median run (for machines shared with other work)",
+    )  # fmt: skip
     bench.add_argument("--out", default="bench_results", help="output folder")
     bench.add_argument(
         "--tree", action="append", help="also run each draft in the package's own loop with this tree "
-        "(chain:5, dynamic:6:8:48 = depth:top_k:total_tokens, or a JSON list of rank paths); repeatable",
+        "(chain:5, dynamic:6:8:48 = depth:top_k:total_tokens[:beam], or a JSON list of rank paths); repeatable",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
@@ -361,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
     gen.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    gen.add_argument("--tree", default=None, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens]]] or a "
+    gen.add_argument("--tree", default=None, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
                      "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")

@@ -16,6 +16,7 @@ from speculators_hf.generation.tree import DraftTree, TreeSpec
 
 TREES = {
     "dynamic": "dynamic:4:3:12",
+    "dynamic-beam": "dynamic:4:3:7:1",  # the draft's greedy chain plus its best siblings
     "static": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]],
 }
 
@@ -75,13 +76,15 @@ def test_one_verifier_pass_per_round_over_the_whole_tree():
     assert out.stats.verifier_forwards == len(widths)
 
 
-def test_dynamic_tree_shape_and_rerank():
-    """EAGLE-2 expansion: parents first, every node's parent kept, depths consistent, no duplicate siblings."""
+@pytest.mark.parametrize(("tree", "size", "beam"), [("dynamic:5:3:10", 10, 3), ("dynamic:5:3:8:1", 8, 1)])
+def test_dynamic_tree_shape_and_rerank(tree, size, beam):
+    """EAGLE-2 expansion: parents first, every node's parent kept, depths consistent, no duplicate siblings;
+    the draft is fed `beam` nodes per depth, so at most `beam` nodes of a depth have children."""
     verifier = make_verifier()
     draft = sh.Eagle3Speculator.from_verifier(verifier)
     prompts = make_prompts(3, seed=5)
     ids, mask = left_padded(prompts)
-    seen = []
+    seen, fed = [], []
     import speculators_hf.generation.loop as loop
 
     original = loop.build_tree
@@ -90,21 +93,29 @@ def test_dynamic_tree_shape_and_rerank():
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    loop.build_tree = recording
+    def counting(state, handles, tokens, *args):
+        fed.append(tokens.shape[1])
+        return type(draft).tree_expand(draft, state, handles, tokens, *args)
+
+    loop.build_tree, draft.tree_expand = recording, counting
     try:
-        sh.generate(verifier, draft, ids, mask, tree="dynamic:5:3:10", max_new_tokens=8)
+        sh.generate(verifier, draft, ids, mask, tree=tree, max_new_tokens=8)
     finally:
         loop.build_tree = original
-    for tree in seen:
-        assert tree.size == 10
-        for row in range(tree.tokens.shape[0]):
-            parents, depths, tokens = tree.parents[row].tolist(), tree.depths[row].tolist(), tree.tokens[row].tolist()
+    assert set(fed) == {beam}
+    for drafted in seen:
+        assert drafted.size == size
+        for row in range(drafted.tokens.shape[0]):
+            parents, depths = drafted.parents[row].tolist(), drafted.depths[row].tolist()
+            tokens = drafted.tokens[row].tolist()
             pairs = set()
             for i, (p, d) in enumerate(zip(parents, depths)):
                 assert p < i and d == (1 if p < 0 else depths[p] + 1)
                 assert (p, tokens[i]) not in pairs
                 pairs.add((p, tokens[i]))
-        anc = tree.block_ancestors()
+            for depth in set(depths):
+                assert len({p for p, d in zip(parents, depths) if d == depth + 1}) <= beam
+        anc = drafted.block_ancestors()
         assert anc[:, :, 0].all() and torch.equal(anc.diagonal(dim1=1, dim2=2), torch.ones_like(anc[:, :, 0]))
 
 
@@ -135,6 +146,9 @@ def test_medusa_static_tree_reads_head_d_at_depth_d():
 def test_tree_spec_parsing():
     assert TreeSpec.parse(None, default_depth=3) == TreeSpec.chain(3)
     assert TreeSpec.parse("dynamic:6:10:60") == TreeSpec.dynamic(6, 10, 60)
+    assert TreeSpec.parse("dynamic:6:3:9:1") == TreeSpec.dynamic(6, 3, 9, beam=1)
+    with pytest.raises(ValueError, match=r"beam \(4\) cannot exceed top_k \(3\)"):
+        TreeSpec.parse("dynamic:6:3:9:4")
     assert TreeSpec.parse("[[0], [0, 1], [0, 0]]").choices == ((0,), (0, 0), (0, 1))
     with pytest.raises(ValueError, match="no parent path"):
         TreeSpec.static([[0, 1]])

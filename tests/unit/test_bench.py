@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import make_prompts, make_verifier
 
 import speculators_hf as sh
-from speculators_hf.bench import machine_description, markdown_table, run_bench, write_report
+from speculators_hf.bench import (
+    machine_description,
+    markdown_table,
+    run_bench,
+    verification_costs,
+    verification_table,
+    write_report,
+)
 
 
 def test_bench_runs_every_method_and_checks_exactness(tmp_path):
@@ -44,3 +52,27 @@ def test_bench_batched_rows_are_exact_per_row():
     batched = [r for r in results if "batch 2" in r.method]
     assert [r.method for r in batched] == ["verifier alone (batch 2)", "eagle3 (batch 2, tree chain:3)"]
     assert all(r.exact and r.tokens == results[0].tokens for r in batched)
+
+
+def test_bench_repeats_take_turns_and_report_the_median_run():
+    verifier = make_verifier(num_hidden_layers=3)
+    draft = sh.Eagle3Speculator.from_verifier(verifier)
+    prompts = make_prompts(2)
+    results = run_bench(
+        verifier, prompts, {"eagle3": draft}, [2], max_new_tokens=6, prompt_lookup=False, trees=["dynamic:3:2:4:1"],
+        repeats=3,
+    )  # fmt: skip
+    assert [r.method for r in results] == ["verifier alone", "eagle3", "eagle3 (tree dynamic:3:2:4:1)"]
+    for r in results:
+        runs = r.extra["seconds_of_each_run"]
+        assert len(runs) == 3 and r.seconds == sorted(runs)[1] and r.exact
+    assert results[2].tau >= 1.0 and results[1].cost_ratio > 0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        run_bench(verifier, prompts, {}, [2], repeats=0)
+
+
+def test_verification_costs_are_relative_to_one_token():
+    verifier = make_verifier(num_hidden_layers=2)
+    costs = verification_costs(verifier, [6, 3, 6], context=16, samples=3)
+    assert sorted(costs) == [1, 3, 6] and costs[1] == 1.0 and all(c > 0 for c in costs.values())
+    assert "| 6 |" in verification_table(costs)

@@ -31,3 +31,14 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "demo" in capsys.readouterr().out
+
+
+def test_bench_cli_on_the_zoo(tmp_path, capsys):
+    """`speculators-hf bench` on the embedded zoo: a tree row, repeats, and the verifier's cost by width."""
+    args = ["bench", "--families", "eagle3", "--k", "2", "--num-prompts", "2", "--max-new-tokens", "6",
+            "--no-prompt-lookup", "--tree", "dynamic:3:2:4:1", "--repeats", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| eagle3 (tree dynamic:3:2:4:1) | 3 |" in printed and "tokens verified in one pass" in printed
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["repeats"] == 2 and sorted(meta["verification_cost"]) == ["1", "3", "5"]

@@ -113,7 +113,7 @@ def generate(
     """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
 
     `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth]",
-    "dynamic[:depth[:top_k[:total_tokens]]]", a list of rank paths (static tree), or None for a chain of
+    "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), or None for a chain of
     the draft's `speculative_tokens`. Decoding settings (`max_new_tokens`, `do_sample`, `temperature`,
     `top_k`, `top_p`, `eos_token_id`, `pad_token_id`) default to the verifier's generation config.
     Greedy output equals the verifier alone, token for token; sampled output follows its distribution.

@@ -3,11 +3,14 @@ grows one (`build_tree`), for any family implementing `tree_extend` / `tree_expa
 
 Shapes:
 - chain(depth): one token per depth (argmax, or a draw from the draft's distribution when sampling);
-- dynamic(depth, top_k, total_tokens) (EAGLE-2): from the root, keep the `top_k` nodes of highest
-  cumulative draft log-probability at each depth, expand each into its `top_k` best children, and
-  finally rerank every candidate by cumulative log-probability and verify the best `total_tokens`.
-  A child's score never exceeds its parent's, and ties go to the earlier (shallower) candidate, so the
-  kept set always holds every kept node's ancestors;
+- dynamic(depth, top_k, total_tokens, beam) (EAGLE-2): from the root, keep the `beam` (default `top_k`)
+  nodes of highest cumulative draft log-probability at each depth, expand each into its `top_k` best
+  children, and finally rerank every candidate by cumulative log-probability and verify the best
+  `total_tokens`. A child's score never exceeds its parent's, and ties go to the earlier (shallower)
+  candidate, so the kept set always holds every kept node's ancestors. The draft's work per depth grows
+  with `beam`, the verifier's with `total_tokens`: where a wide draft step costs more than a narrow one
+  (a CPU), a small beam keeps the draft's cost that of a chain while the rerank still spends the
+  verified nodes on the likeliest alternatives (beam 1: the draft's greedy chain plus its best siblings);
 - static(choices) (Medusa, EAGLE-1): a fixed set of paths of ranks, e.g. (0,), (1,), (0, 0): the best
   and second-best first token, and the best token after the best one.
 
@@ -31,8 +34,9 @@ class TreeSpec:
 
     kind: str = "chain"  # "chain", "dynamic" or "static"
     depth: int = 5  # draft tokens on the longest path
-    top_k: int = 4  # dynamic: branching factor and nodes kept per depth
+    top_k: int = 4  # dynamic: children of each expanded node
     total_tokens: int | None = None  # dynamic: nodes verified per round (default: top_k * depth)
+    beam: int | None = None  # dynamic: nodes expanded per depth (default: top_k)
     choices: tuple[tuple[int, ...], ...] = ()  # static: paths of ranks
 
     def __post_init__(self) -> None:
@@ -48,16 +52,22 @@ class TreeSpec:
                 if len(path) > 1 and path[:-1] not in paths:
                     raise ValueError(f"static tree path {list(path)} has no parent path {list(path[:-1])} in choices")
             object.__setattr__(self, "depth", max(len(p) for p in self.choices))
-        if self.depth < 1 or self.top_k < 1 or (self.total_tokens is not None and self.total_tokens < 1):
-            raise ValueError(f"tree depth, top_k and total_tokens must be >= 1, got {self}")
+        if self.depth < 1 or self.top_k < 1 or any(n is not None and n < 1 for n in (self.total_tokens, self.beam)):
+            raise ValueError(f"tree depth, top_k, total_tokens and beam must be >= 1, got {self}")
+        if self.beam is not None and self.beam > self.top_k:
+            raise ValueError(
+                f"tree beam ({self.beam}) cannot exceed top_k ({self.top_k}): a depth has top_k nodes to expand at first"
+            )
 
     @classmethod
     def chain(cls, depth: int) -> TreeSpec:
         return cls("chain", depth=depth)
 
     @classmethod
-    def dynamic(cls, depth: int = 5, top_k: int = 4, total_tokens: int | None = None) -> TreeSpec:
-        return cls("dynamic", depth=depth, top_k=top_k, total_tokens=total_tokens)
+    def dynamic(
+        cls, depth: int = 5, top_k: int = 4, total_tokens: int | None = None, beam: int | None = None
+    ) -> TreeSpec:
+        return cls("dynamic", depth=depth, top_k=top_k, total_tokens=total_tokens, beam=beam)
 
     @classmethod
     def static(cls, choices: Any) -> TreeSpec:
@@ -67,7 +77,7 @@ class TreeSpec:
     @classmethod
     def parse(cls, value: Any, default_depth: int = 5) -> TreeSpec:
         """A spec from a `TreeSpec`, None (chain of `default_depth`), "chain[:depth]",
-        "dynamic[:depth[:top_k[:total_tokens]]]", or static choices (a list of paths, or its JSON)."""
+        "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", or static choices (a list of paths, or its JSON)."""
         if value is None:
             return cls.chain(default_depth)
         if isinstance(value, TreeSpec):
@@ -83,12 +93,23 @@ class TreeSpec:
             raise ValueError(f"cannot read tree spec {value!r}: numbers expected after the kind") from None
         if kind == "chain" and len(args) <= 1:
             return cls.chain(*(args or [default_depth]))
-        if kind == "dynamic" and len(args) <= 3:
+        if kind == "dynamic" and len(args) <= 4:
             return cls.dynamic(*(args or [default_depth]))
         raise ValueError(
-            f"cannot read tree spec {value!r}; use 'chain:5', 'dynamic:5:4:16' (depth, top_k, total_tokens) "
+            f"cannot read tree spec {value!r}; use 'chain:5', 'dynamic:5:4:16[:beam]' (depth, top_k, total_tokens) "
             "or a JSON list of rank paths for a static tree"
         )
+
+    @property
+    def num_nodes(self) -> int:
+        """Draft tokens verified per round (the verifier's pass also reads the root, one more)."""
+        if self.kind == "chain":
+            return self.depth
+        if self.kind == "static":
+            return len(self.choices)
+        beam = self.beam or self.top_k
+        pool = self.top_k + (self.depth - 1) * beam * self.top_k
+        return min(self.total_tokens or self.top_k * self.depth, pool)
 
     def clamped(self, max_depth: int | None) -> TreeSpec:
         """The spec cut to a draft that predicts at most `max_depth` tokens ahead (MLP speculator, Medusa)."""
@@ -96,7 +117,7 @@ class TreeSpec:
             return self
         if self.kind == "static":
             return TreeSpec.static([p for p in self.choices if len(p) <= max_depth])
-        return TreeSpec(self.kind, max_depth, self.top_k, self.total_tokens)
+        return TreeSpec(self.kind, max_depth, self.top_k, self.total_tokens, beam=self.beam)
 
 
 @dataclass
@@ -209,28 +230,31 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
 
 def _dynamic(fed: _FedNodes, spec: TreeSpec, sampler: Any, root_logits: torch.Tensor) -> DraftTree:
     k = spec.top_k
+    beam = spec.beam or k
     scores, tokens = torch.log_softmax(sampler.warp(root_logits), dim=-1).topk(k, dim=-1)
     batch, device = tokens.shape[0], tokens.device
     rows = torch.arange(batch, device=device)[:, None]
     pool_tokens, pool_scores = [tokens], [scores]
     pool_parents, pool_depths = [torch.full_like(tokens, -1)], [torch.ones_like(tokens)]
-    frontier, frontier_fed, pool_size = torch.arange(k, device=device).expand(batch, k), None, k
+    # the frontier: the `beam` best nodes of the newest depth (pool indices), and their fed indices
+    tokens, scores = tokens[:, :beam], scores[:, :beam]
+    frontier, frontier_fed, pool_size = torch.arange(beam, device=device).expand(batch, beam), None, k
     for depth in range(1, spec.depth):
         logits, fed_index = fed.expand(tokens, depth, frontier_fed)  # feed the frontier
-        child_scores, child_tokens = torch.log_softmax(sampler.warp(logits), dim=-1).topk(k, dim=-1)  # [B, k, k]
-        cumulative = (scores[:, :, None] + child_scores).reshape(batch, k * k)
-        child_tokens = child_tokens.reshape(batch, k * k)
-        parent_slot = torch.arange(k, device=device).repeat_interleave(k).expand(batch, k * k)
+        child_scores, child_tokens = torch.log_softmax(sampler.warp(logits), dim=-1).topk(k, dim=-1)  # [B, beam, k]
+        cumulative = (scores[:, :, None] + child_scores).reshape(batch, beam * k)
+        child_tokens = child_tokens.reshape(batch, beam * k)
+        parent_slot = torch.arange(beam, device=device).repeat_interleave(k).expand(batch, beam * k)
         pool_tokens.append(child_tokens)
         pool_scores.append(cumulative)
         pool_parents.append(frontier[rows, parent_slot])
         pool_depths.append(torch.full_like(child_tokens, depth + 1))
-        best = torch.sort(cumulative, dim=1, descending=True, stable=True).indices[:, :k]
+        best = torch.sort(cumulative, dim=1, descending=True, stable=True).indices[:, :beam]
         tokens, scores = child_tokens[rows, best], cumulative[rows, best]
         frontier, frontier_fed = pool_size + best, fed_index[rows, best // k]
-        pool_size += k * k
+        pool_size += beam * k
     all_scores = torch.cat(pool_scores, dim=1)
-    total = min(spec.total_tokens or k * spec.depth, pool_size)
+    total = spec.num_nodes
     # stable: on equal scores the earlier candidate (never deeper than a later one) wins, so parents go first
     kept = torch.sort(all_scores, dim=1, descending=True, stable=True).indices[:, :total].sort(dim=1).values
     new_index = torch.full((batch, pool_size), -1, dtype=torch.long, device=device)
