@@ -79,24 +79,27 @@ def accept_greedy(
     """Verify greedily. `logits` [B, N+1, V] are the verifier's at the block (root first).
 
     Returns (path [B, S]: block indices of the root and the accepted nodes, emitted [B, S]: the token
-    emitted after each path node, count [B]: how many columns are valid, i.e. accepted nodes + 1)."""
+    emitted after each path node, count [B]: how many columns are valid, i.e. accepted nodes + 1),
+    S = the tree's depth + 1.
+
+    A node is accepted when it and every ancestor is the verifier's argmax after its parent. Siblings carry
+    different tokens, so the accepted nodes form one path from the root: the deepest of them and its
+    ancestors, in block order (a parent's index is smaller than its child's)."""
     tokens, parents = block_layout(tree, root)
     target = logits.argmax(dim=-1)  # [B, N+1]
-    batch = tokens.shape[0]
-    cur = torch.zeros(batch, dtype=torch.long, device=tokens.device)
-    going = torch.ones(batch, dtype=torch.bool, device=tokens.device)
-    count = torch.zeros(batch, dtype=torch.long, device=tokens.device)
-    path, emitted = [], []
-    for _ in range(tree.max_depth + 1):
-        path.append(cur)
-        want = target.gather(1, cur[:, None]).squeeze(1)
-        emitted.append(want)
-        count = count + going.long()
-        match = (parents == cur[:, None]) & (tokens == want[:, None]) & going[:, None]
-        has = match.any(dim=1)
-        cur = torch.where(has, match.long().argmax(dim=1), cur)
-        going = going & has
-    return torch.stack(path, 1), torch.stack(emitted, 1), count
+    anc = tree.block_ancestors  # [B, N+1, N+1]
+    width = tokens.shape[1]
+    matches = tokens == target.gather(1, parents.clamp(min=0))
+    matches[:, 0] = True  # the root is given
+    accepted = ~(anc & ~matches[:, None, :]).any(dim=2)
+    depth = anc.sum(dim=2)  # the root 1, its children 2, ...
+    end = torch.where(accepted, depth, 0).argmax(dim=1)  # the deepest accepted node
+    count = depth.gather(1, end[:, None]).squeeze(1)
+    on_path = anc[torch.arange(tokens.shape[0], device=tokens.device), end]  # [B, N+1]
+    columns = torch.arange(width, device=tokens.device)
+    path = torch.where(on_path, columns, width).sort(dim=1).values[:, : tree.max_depth + 1]
+    path = torch.where(path < width, path, end[:, None])
+    return path, target.gather(1, path), count
 
 
 def accept_sampling(

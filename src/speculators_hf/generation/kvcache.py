@@ -69,21 +69,27 @@ class MaskedCache:
 
     def keep(self, index: torch.Tensor, valid: torch.Tensor) -> None:
         """Turn pending block entries `index` [B, A] (block-relative) into context, alive where `valid`,
-        and drop the rest of the block."""
-        start = self.length
-        for layer in self._layers():
-            block_k, block_v = layer.keys[:, :, start:], layer.values[:, :, start:]
-            gather = index.to(block_k.device)[:, None, :, None]
-            gather = gather.expand(-1, block_k.shape[1], -1, block_k.shape[-1])
-            layer.keys = torch.cat([layer.keys[:, :, :start], block_k.gather(2, gather)], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :start], block_v.gather(2, gather)], dim=2)
+        and drop the rest of the block. The kept entries are moved to the front of the block in place and
+        the block cut after them, so the context is never copied; a chain's accepted path (the block's
+        first A entries) moves nothing."""
+        start, kept = self.length, index.shape[1]
+        if not torch.equal(index, torch.arange(kept, device=index.device).expand_as(index)):
+            for layer in self._layers():
+                gather = (start + index.to(layer.keys.device))[:, None, :, None]
+                gather = gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+                # gather copies before the write, so overlapping source and destination entries are safe
+                layer.keys[:, :, start : start + kept] = layer.keys.gather(2, gather)
+                layer.values[:, :, start : start + kept] = layer.values.gather(2, gather)
+        self._cut(start + kept)
         self.commit(valid)
 
     def truncate(self) -> None:
         """Drop every pending entry beyond the context."""
+        self._cut(self.length)
+
+    def _cut(self, length: int) -> None:
         for layer in self._layers():
-            layer.keys = layer.keys[:, :, : self.length]
-            layer.values = layer.values[:, :, : self.length]
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows`."""

@@ -96,7 +96,6 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return input_ids.gather(1, order), valid.gather(1, order)
 
 
-@torch.no_grad()
 def generate(
     verifier: Any,
     draft: Any,
@@ -157,85 +156,92 @@ def generate(
             done[i] = len(out) >= max_new or (bool(out) and out[-1] in eos)
         return done
 
-    vcache = MaskedCache(batch, device)
-    state = draft.new_tree_state(batch, device)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    tap.arm()
-    try:
-        if max_new > 0:
-            # prefill: the prompt, then the first token of the verifier's own
-            logits = verifier(
-                input_ids=ids,
-                position_ids=positions,
-                attention_mask=vcache.mask(causal_block(valid), dtype),
-                cache=vcache.cache,
-                use_cache=True,
-            ).logits[:, -1]
-            vcache.commit(valid)
-            features = [tap.states[i] for i in tap.layer_ids]
-            root, _ = sampler.pick(logits)
-            for s in row_stats:
-                s.verifier_forwards = 1
-            done = emit(root[:, None], torch.ones(batch, dtype=torch.long))
-            root_positions = valid.sum(1)
-            root_logits, root_handle = draft.tree_extend(
-                state,
-                torch.cat([ids, root[:, None]], dim=1),
-                torch.cat([positions, root_positions[:, None]], dim=1),
-                torch.cat([valid, valid.new_ones(batch, 1)], dim=1),
-                [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in features],  # the feature BEFORE each token
-            )
-        else:
-            done = torch.ones(batch, dtype=torch.bool)
-        while True:
-            if done.any():  # finished rows leave the batch
-                keep = (~done).nonzero().squeeze(1).to(device)
-                rows, root, root_positions = rows[keep], root[keep], root_positions[keep]
-                root_logits, root_handle = root_logits[keep], root_handle[keep]
-                vcache.select(keep)
-                state.select(keep)
-            if rows.numel() == 0:
-                break
-            drafted = build_tree(draft, state, spec, sampler, root_logits, root_handle, root_positions)
-            if state.cache is not None:
-                state.cache.truncate()
-            block_tokens = torch.cat([root[:, None], drafted.tokens], dim=1)
-            block_positions = root_positions[:, None] + torch.cat(
-                [torch.zeros_like(drafted.depths[:, :1]), drafted.depths], dim=1
-            )
-            logits = verifier(
-                input_ids=block_tokens,
-                position_ids=block_positions,
-                attention_mask=vcache.mask(drafted.block_ancestors(), dtype),
-                cache=vcache.cache,
-                use_cache=True,
-            ).logits
-            features = [tap.states[i] for i in tap.layer_ids]
-            if accept is not None:
-                path, emitted, counts = accept(logits, drafted, root)
+    # The rounds run in inference mode (no autograd bookkeeping: a few % per round on CPU). What is returned
+    # is built after it from Python lists, so callers get ordinary tensors they may modify in place.
+    with torch.inference_mode():
+        vcache = MaskedCache(batch, device)
+        state = draft.new_tree_state(batch, device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        tap.arm()
+        try:
+            if max_new > 0:
+                # prefill: the prompt, then the first token of the verifier's own
+                logits = verifier(
+                    input_ids=ids,
+                    position_ids=positions,
+                    attention_mask=vcache.mask(causal_block(valid), dtype),
+                    cache=vcache.cache,
+                    use_cache=True,
+                ).logits[:, -1]
+                vcache.commit(valid)
+                features = [tap.states[i] for i in tap.layer_ids]
+                root, _ = sampler.pick(logits)
+                for s in row_stats:
+                    s.verifier_forwards = 1
+                done = emit(root[:, None], torch.ones(batch, dtype=torch.long))
+                root_positions = valid.sum(1)
+                root_logits, root_handle = draft.tree_extend(
+                    state,
+                    torch.cat([ids, root[:, None]], dim=1),
+                    torch.cat([positions, root_positions[:, None]], dim=1),
+                    torch.cat([valid, valid.new_ones(batch, 1)], dim=1),
+                    [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in features],  # the feature BEFORE each token
+                )
             else:
-                path, emitted, counts = accept_sampling(logits, drafted, root, sampler)
-            columns = torch.arange(path.shape[1], device=device)
-            path_valid = columns[None] < counts[:, None]
-            vcache.keep(path, path_valid)
-            for row in rows.tolist():
-                row_stats[row].verifier_forwards += 1
-                row_stats[row].draft_rounds += 1
-                row_stats[row].drafted_tokens += drafted.size
-            done = emit(emitted, counts)
-            if done.all():
-                break
-            path_features = [f.gather(1, path[:, :, None].expand(-1, -1, f.shape[-1])) for f in features]
-            root_logits, root_handle = draft.tree_extend(
-                state, emitted, root_positions[:, None] + 1 + columns, path_valid, path_features
-            )
-            root = emitted.gather(1, (counts - 1)[:, None]).squeeze(1)
-            root_positions = root_positions + counts
-            vcache.maybe_compact(compact_threshold)
-            if state.cache is not None:
-                state.cache.maybe_compact(compact_threshold)
-    finally:
-        tap.disarm()
+                done = torch.ones(batch, dtype=torch.bool)
+            while True:
+                if done.any():  # finished rows leave the batch
+                    keep = (~done).nonzero().squeeze(1).to(device)
+                    rows, root, root_positions = rows[keep], root[keep], root_positions[keep]
+                    root_logits, root_handle = root_logits[keep], root_handle[keep]
+                    vcache.select(keep)
+                    state.select(keep)
+                if rows.numel() == 0:
+                    break
+                drafted = build_tree(draft, state, spec, sampler, root_logits, root_handle, root_positions)
+                if state.cache is not None:
+                    state.cache.truncate()
+                block_tokens = torch.cat([root[:, None], drafted.tokens], dim=1)
+                block_positions = root_positions[:, None] + torch.cat(
+                    [torch.zeros_like(drafted.depths[:, :1]), drafted.depths], dim=1
+                )
+                logits = verifier(
+                    input_ids=block_tokens,
+                    position_ids=block_positions,
+                    attention_mask=vcache.mask(drafted.block_ancestors, dtype),
+                    cache=vcache.cache,
+                    use_cache=True,
+                ).logits
+                features = [tap.states[i] for i in tap.layer_ids]
+                if accept is not None:
+                    path, emitted, counts = accept(logits, drafted, root)
+                else:
+                    path, emitted, counts = accept_sampling(logits, drafted, root, sampler)
+                # the longest row's path is all that is needed; a shorter row's spare columns point at the
+                # block entry of their own index (dead: only so that a chain's path is the block's prefix)
+                columns = torch.arange(int(counts.max()), device=device)
+                path_valid = columns[None] < counts[:, None]
+                path = torch.where(path_valid, path[:, : columns.numel()], columns)
+                emitted = emitted[:, : columns.numel()]
+                vcache.keep(path, path_valid)
+                for row in rows.tolist():
+                    row_stats[row].verifier_forwards += 1
+                    row_stats[row].draft_rounds += 1
+                    row_stats[row].drafted_tokens += drafted.size
+                done = emit(emitted, counts)
+                if done.all():
+                    break
+                path_features = [f.gather(1, path[:, :, None].expand(-1, -1, f.shape[-1])) for f in features]
+                root_logits, root_handle = draft.tree_extend(
+                    state, emitted, root_positions[:, None] + 1 + columns, path_valid, path_features
+                )
+                root = emitted.gather(1, (counts - 1)[:, None]).squeeze(1)
+                root_positions = root_positions + counts
+                vcache.maybe_compact(compact_threshold)
+                if state.cache is not None:
+                    state.cache.maybe_compact(compact_threshold)
+        finally:
+            tap.disarm()
 
     longest = max((len(t) for t in new_tokens), default=0)
     generated = torch.full((batch, longest), pad, dtype=original_ids.dtype)

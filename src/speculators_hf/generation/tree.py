@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -137,16 +138,18 @@ class DraftTree:
     def size(self) -> int:
         return self.tokens.shape[1]
 
+    @cached_property
     def block_ancestors(self) -> torch.Tensor:
-        """Bool [B, N+1, N+1] ancestor-or-self mask of the verified block (root at index 0, then the nodes)."""
+        """Bool [B, N+1, N+1] ancestor-or-self mask of the verified block (root at index 0, then the nodes),
+        built one depth at a time: every block entry marks its current ancestor, then steps to its parent."""
         batch, n = self.tokens.shape
         device = self.tokens.device
-        rows = torch.arange(batch, device=device)
-        anc = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool, device=device)
-        anc[:, 0, 0] = True
-        for i in range(n):
-            anc[:, i + 1] = anc[rows, self.parents[:, i] + 1]
-            anc[:, i + 1, i + 1] = True
+        block_parents = torch.cat([self.tokens.new_zeros(batch, 1), self.parents + 1], dim=1)  # the root: itself
+        anc = torch.eye(n + 1, dtype=torch.bool, device=device).repeat(batch, 1, 1)
+        above = block_parents
+        for _ in range(self.max_depth):
+            anc.scatter_(2, above[:, :, None], True)
+            above = block_parents.gather(1, above)
         return anc
 
 
