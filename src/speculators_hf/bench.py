@@ -90,12 +90,20 @@ class _Measured:
     stats: GenerationStats | None = None  # for our drafts
     draft_seconds: float = 0.0  # time inside the draft's propose() (transformers-integrated rows)
 
+    def add(self, other: _Measured) -> None:
+        """Append a run over further prompts."""
+        self.outputs += other.outputs
+        self.seconds += other.seconds
+        self.draft_seconds += other.draft_seconds
+        if other.stats is not None:
+            self.stats = other.stats if self.stats is None else self.stats + other.stats
+
 
 @dataclass
 class _Method:
     name: str
     k: int | None
-    measure: Callable[[bool], _Measured]  # measure(warmup)
+    measure: Callable[[list[torch.Tensor], bool], _Measured]  # measure(prompts, warmup)
 
 
 def run_bench(
@@ -116,31 +124,32 @@ def run_bench(
     `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
     on left-padded batches of that many prompts; their speedup is throughput over the verifier alone at
     batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself.
-    `repeats` > 1: every method is run that many times, the methods taking turns (so that a slow spell
-    of a shared machine falls on all of them), and each row reports its median run."""
+    The methods take turns prompt by prompt (batch by batch), so that a slow spell of a shared machine
+    falls on all of them alike. `repeats` > 1: every method is run over all prompts that many times and
+    each row reports its median run."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    methods = [_Method("verifier alone", None, lambda warm: _Measured(*_run(verifier, prompts, max_new_tokens)))]
+    methods = [_Method("verifier alone", None, lambda chunk, warm: _Measured(*_run(verifier, chunk, max_new_tokens)))]
 
     def transformers_method(name: str, k: int, **kwargs: Any) -> _Method:
-        def measure(warm: bool) -> _Measured:
+        def measure(chunk: list[torch.Tensor], warm: bool) -> _Measured:
             lm = kwargs.get("assistant_model")
             if lm is not None:  # a small LM's draft length lives in its generation config
                 lm.generation_config.num_assistant_tokens = k
                 lm.generation_config.num_assistant_tokens_schedule = "constant"
             if warm:
-                _run(verifier, prompts[:1], 8, **kwargs)
-            return _Measured(*_run(verifier, prompts, max_new_tokens, **kwargs))
+                _run(verifier, chunk[:1], 8, **kwargs)
+            return _Measured(*_run(verifier, chunk, max_new_tokens, **kwargs))
 
         return _Method(name, k, measure)
 
     def draft_method(name: str, draft: Any, k: int) -> _Method:
-        def measure(warm: bool) -> _Measured:
+        def measure(chunk: list[torch.Tensor], warm: bool) -> _Measured:
             if warm:
-                _run(verifier, prompts[:1], 8, assistant_model=draft, num_assistant_tokens=k)
+                _run(verifier, chunk[:1], 8, assistant_model=draft, num_assistant_tokens=k)
             run = _Measured([], 0.0, GenerationStats())
             with _DraftTimer(draft) as timer:
-                for prompt in prompts:  # one call per prompt: the stats are per generate() call
+                for prompt in chunk:  # one call per prompt: the stats are per generate() call
                     out, seconds = _run(
                         verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k
                     )
@@ -161,22 +170,27 @@ def run_bench(
     for tree in trees or []:
         for name, draft in drafts.items():
             methods.append(
-                _Method(f"{name} (tree {tree})", _tree_depth(tree), partial(_tree_run, verifier, draft, prompts, tree, max_new_tokens))
+                _Method(f"{name} (tree {tree})", _tree_depth(tree), partial(_tree_run, verifier, draft, tree, max_new_tokens))
             )  # fmt: skip
     if batch_size > 1:
         batch_trees = trees or [f"chain:{k_values[len(k_values) // 2]}"]
         runs: list[tuple[str, Any, str | None]] = [(f"verifier alone (batch {batch_size})", None, None)]
         runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
         for label, draft, batch_tree in runs:
-            measure = partial(_batched_run, verifier, draft, prompts, batch_size, batch_tree, max_new_tokens)
+            measure = partial(_batched_run, verifier, draft, batch_size, batch_tree, max_new_tokens)
             methods.append(_Method(label, None if batch_tree is None else _tree_depth(batch_tree), measure))
 
     if warmup:  # first calls pay for allocations and lazy initialisation
         _run(verifier, prompts[:1], 8)
+    chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     measured: list[list[_Measured]] = [[] for _ in methods]
     for repeat in range(repeats):
-        for method, runs_of_method in zip(methods, measured):
-            runs_of_method.append(method.measure(warmup and repeat == 0))
+        this_repeat = [_Measured([], 0.0) for _ in methods]
+        for c, chunk in enumerate(chunks):
+            for method, run in zip(methods, this_repeat):
+                run.add(method.measure(chunk, warmup and repeat == 0 and c == 0))
+        for runs_of_method, run in zip(measured, this_repeat):
+            runs_of_method.append(run)
     reference = measured[0][0].outputs
     base_s = _median_run(measured[0]).seconds
     tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(reference, prompts))
@@ -258,10 +272,10 @@ def _tree_depth(tree: str) -> int:
 def _batched_run(
     verifier: Any,
     draft: Any,
-    prompts: list[torch.Tensor],
     batch_size: int,
     tree: str | None,
     max_new_tokens: int,
+    prompts: list[torch.Tensor],
     warmup: bool,
 ) -> _Measured:
     """Left-padded batches of `batch_size` prompts through the verifier alone (draft None) or the package's
@@ -306,7 +320,7 @@ def _batched_run(
 
 
 def _tree_run(
-    verifier: Any, draft: Any, prompts: list[torch.Tensor], tree: str, max_new_tokens: int, warmup: bool
+    verifier: Any, draft: Any, tree: str, max_new_tokens: int, prompts: list[torch.Tensor], warmup: bool
 ) -> _Measured:
     """`speculators_hf.generate` with `tree`, one prompt at a time."""
     from .generation.loop import generate

@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=1, help="also measure throughput on batches of this many prompts (own loop)"
     )
     bench.add_argument(
-        "--repeats", type=int, default=1, help="run every method this many times, taking turns, and report each "
-        "method's median run (for machines shared with other work)",
+        "--repeats", type=int, default=1, help="run every method this many times over all prompts and report each "
+        "method's median run; the methods always take turns prompt by prompt (for machines shared with other work)",
     )  # fmt: skip
     bench.add_argument("--out", default="bench_results", help="output folder")
     bench.add_argument(

@@ -196,6 +196,45 @@ def test_acceptance_rule_keeps_the_distribution_exactly():
     assert greedy_counts[0].item() == (2 if p.argmax().item() in (1, 3) else 1)
 
 
+def test_greedy_acceptance_walks_the_tree_like_the_definition():
+    """`accept_greedy` (vectorized over ancestors) against the definition: from the root, move to the child
+    whose token is the verifier's argmax after the current node, while there is one. Random trees with
+    distinct sibling tokens, a tiny vocabulary so that long paths are accepted."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = 4
+    for _ in range(300):
+        batch, n = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 13, (1,), generator=gen))
+        parents = torch.full((batch, n), -1)
+        tokens = torch.zeros(batch, n, dtype=torch.long)
+        depths = torch.ones(batch, n, dtype=torch.long)
+        for b in range(batch):
+            used: dict[int, set[int]] = {}
+            for i in range(n):
+                open_parents = [p for p in range(-1, i) if len(used.get(p, ())) < vocab]
+                p = open_parents[int(torch.randint(len(open_parents), (1,), generator=gen))]
+                free = [t for t in range(vocab) if t not in used.get(p, set())]
+                t = free[int(torch.randint(len(free), (1,), generator=gen))]
+                used.setdefault(p, set()).add(t)
+                parents[b, i], tokens[b, i] = p, t
+                depths[b, i] = 1 if p < 0 else depths[b, p] + 1
+        tree = DraftTree(tokens, parents, depths, int(depths.max()))
+        logits = torch.randn(batch, n + 1, vocab, generator=gen)
+        root = torch.zeros(batch, dtype=torch.long)
+        path, emitted, counts = accept_greedy(logits, tree, root)
+        target = logits.argmax(-1)
+        for b in range(batch):
+            want_path, cur = [0], 0
+            while True:
+                nxt = [j + 1 for j in range(n) if parents[b, j] + 1 == cur and tokens[b, j] == target[b, cur]]
+                if not nxt:
+                    break
+                cur = nxt[0]
+                want_path.append(cur)
+            count = int(counts[b])
+            assert path[b, :count].tolist() == want_path
+            assert emitted[b, :count].tolist() == target[b, want_path].tolist()
+
+
 def _pit_ks(verifier, draft, prompt, tree, n_rows, calls, max_new_tokens=8, **sampling):
     sequences, stats = [], sh.GenerationStats()
     ids = prompt.expand(n_rows, -1)
