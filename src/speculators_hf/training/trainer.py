@@ -220,6 +220,10 @@ def train(
         (output / "final" / "training_summary.json").write_text(
             json.dumps({"history": history, "evals": evals, "config": config.model_dump()}, indent=2)
         )
+    # every process waits for the final save, then the process group is torn down here rather than at
+    # interpreter exit (where gloo's threads can abort a process that has already finished its work)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return {"history": history, "evals": evals, "final_dir": str(output / "final")}
 
 
