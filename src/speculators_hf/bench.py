@@ -96,7 +96,7 @@ class _Measured:
         self.seconds += other.seconds
         self.draft_seconds += other.draft_seconds
         if other.stats is not None:
-            self.stats = other.stats if self.stats is None else self.stats + other.stats
+            self.stats = (GenerationStats() if self.stats is None else self.stats) + other.stats  # a new object
 
 
 @dataclass
@@ -147,15 +147,13 @@ def run_bench(
         def measure(chunk: list[torch.Tensor], warm: bool) -> _Measured:
             if warm:
                 _run(verifier, chunk[:1], 8, assistant_model=draft, num_assistant_tokens=k)
-            run = _Measured([], 0.0, GenerationStats())
+            run = _Measured([], 0.0)
             with _DraftTimer(draft) as timer:
                 for prompt in chunk:  # one call per prompt: the stats are per generate() call
                     out, seconds = _run(
                         verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k
                     )
-                    run.outputs += out
-                    run.seconds += seconds
-                    run.stats = run.stats + draft.generation_stats  # type: ignore[operator]
+                    run.add(_Measured(out, seconds, draft.generation_stats))
             run.draft_seconds = timer.seconds
             return run
 
@@ -285,7 +283,7 @@ def _batched_run(
     pad = verifier.generation_config.pad_token_id
     pad = 0 if pad is None else int(pad)
     eos_ids = eos_token_ids(verifier.generation_config)
-    run = _Measured([], 0.0, None if draft is None else GenerationStats())
+    run = _Measured([], 0.0)
     starts = [-1] * warmup + list(range(0, len(prompts), batch_size))  # -1: a short warm-up batch
     for start in starts:
         group = prompts[max(start, 0) : max(start, 0) + batch_size]
@@ -309,13 +307,13 @@ def _batched_run(
         _sync(verifier.device)
         if start < 0:
             continue
-        run.seconds += time.perf_counter() - t0
-        if run.stats is not None:
-            run.stats = run.stats + draft.generation_stats
+        seconds = time.perf_counter() - t0
+        rows = []
         for row, prompt in enumerate(group):
             new = out[row, width:].cpu().tolist()
             end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
-            run.outputs.append(torch.cat([prompt, torch.tensor([new[:end]], dtype=prompt.dtype)], dim=1))
+            rows.append(torch.cat([prompt, torch.tensor([new[:end]], dtype=prompt.dtype)], dim=1))
+        run.add(_Measured(rows, seconds, None if draft is None else draft.generation_stats))
     return run
 
 
@@ -327,7 +325,7 @@ def _tree_run(
 
     if warmup:
         generate(verifier, draft, prompts[0].to(verifier.device), tree=tree, max_new_tokens=8, do_sample=False)
-    run = _Measured([], 0.0, GenerationStats())
+    run = _Measured([], 0.0)
     for prompt in prompts:
         _sync(verifier.device)
         start = time.perf_counter()
@@ -335,9 +333,7 @@ def _tree_run(
             verifier, draft, prompt.to(verifier.device), tree=tree, max_new_tokens=max_new_tokens, do_sample=False
         )
         _sync(verifier.device)
-        run.seconds += time.perf_counter() - start
-        run.outputs.append(out.cpu())
-        run.stats = run.stats + draft.generation_stats  # type: ignore[operator]
+        run.add(_Measured([out.cpu()], time.perf_counter() - start, draft.generation_stats))
     return run
 
 
