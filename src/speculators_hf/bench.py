@@ -227,7 +227,7 @@ def verification_costs(verifier: Any, widths: list[int], context: int = 128, sam
     over n new tokens after `context` cached ones (as the package's loop runs it: explicit positions, a 4D
     mask, a `MaskedCache`), divided by the same for n = 1. This is what decides between chains and trees
     on a machine: a tree pays when its extra tau outweighs the extra cost of its width."""
-    from .generation.kvcache import MaskedCache, causal_block
+    from .generation.kvcache import MaskedCache, cache_kwargs, causal_block
 
     vocab = verifier.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -239,7 +239,7 @@ def verification_costs(verifier: Any, widths: list[int], context: int = 128, sam
         input_ids=ids,
         position_ids=torch.arange(context, device=ids.device)[None],
         attention_mask=mask,
-        cache=cache.cache,
+        **cache_kwargs(cache.cache),
         use_cache=True,
     )
     cache.commit(valid)
@@ -252,7 +252,13 @@ def verification_costs(verifier: Any, widths: list[int], context: int = 128, sam
         for i in range(samples + 3):  # 3 warm-up passes
             _sync(verifier.device)
             start = time.perf_counter()
-            verifier(input_ids=block, position_ids=positions, attention_mask=mask, cache=cache.cache, use_cache=True)
+            verifier(
+                input_ids=block,
+                position_ids=positions,
+                attention_mask=mask,
+                **cache_kwargs(cache.cache),
+                use_cache=True,
+            )
             _sync(verifier.device)
             cache.truncate()
             if i >= 3:

@@ -19,11 +19,24 @@ path) or `truncate` drops the block (the draft's tree nodes, computed from the d
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+# transformers 5.24 renamed the cache keyword of model and attention forwards (and the field of generate()'s
+# output) from `past_key_values` to `cache`; the old keyword is deprecated, not gone. Pass the installed name.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
+OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` under the cache keyword of the installed transformers (see `CACHE_KWARG`)."""
+    return {CACHE_KWARG: cache}
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 
 from .acceptance import Sampler, accept_greedy, accept_sampling
 from .capture import VerifierBindingError
-from .kvcache import MaskedCache, causal_block
+from .kvcache import MaskedCache, cache_kwargs, causal_block
 from .stats import GenerationStats
 from .tree import TreeSpec, build_tree
 
@@ -170,7 +170,7 @@ def generate(
                     input_ids=ids,
                     position_ids=positions,
                     attention_mask=vcache.mask(causal_block(valid), dtype),
-                    cache=vcache.cache,
+                    **cache_kwargs(vcache.cache),
                     use_cache=True,
                 ).logits[:, -1]
                 vcache.commit(valid)
@@ -209,7 +209,7 @@ def generate(
                     input_ids=block_tokens,
                     position_ids=block_positions,
                     attention_mask=vcache.mask(drafted.block_ancestors, dtype),
-                    cache=vcache.cache,
+                    **cache_kwargs(vcache.cache),
                     use_cache=True,
                 ).logits
                 features = [tap.states[i] for i in tap.layer_ids]

@@ -30,7 +30,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
-from ..generation.kvcache import DraftTreeState, MaskedCache
+from ..generation.kvcache import OUTPUT_CACHE_FIELD, DraftTreeState, MaskedCache
 from ..generation.sampling import TokenPicker
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
@@ -312,7 +312,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         pick = TokenPicker(logits_processor, bool(generation_config.do_sample))
         tokens, scores = session.step(input_ids, k, pick)
         sequences = torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores), cache=session)  # type: ignore[arg-type]
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores), **{OUTPUT_CACHE_FIELD: session})  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from ..config import SpeculatorConfig, build_layer_config
-from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
+from ..generation.kvcache import DraftTreeState, cache_kwargs, causal_block, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
 from .base import SpeculatorModel
 
@@ -106,7 +106,7 @@ class IndependentSpeculator(SpeculatorModel):
         def next_logits(token: torch.Tensor | None) -> torch.Tensor:
             # first call: every token the LM has not seen yet; then the token it just drafted
             tokens = input_ids[:, start:] if token is None else token[:, None]
-            logits = self.model(input_ids=tokens, cache=state, use_cache=True).logits[:, -1]
+            logits = self.model(input_ids=tokens, use_cache=True, **cache_kwargs(state)).logits[:, -1]
             return expand_draft_vocab(logits, None, self.config.vocab_size)
 
         return draft_chain(input_ids, num_tokens, pick, next_logits)
@@ -116,7 +116,11 @@ class IndependentSpeculator(SpeculatorModel):
         assert state.cache is not None
         mask = state.cache.mask(block, self.model.dtype)
         return self.model(
-            input_ids=tokens, position_ids=positions, attention_mask=mask, cache=state.cache.cache, use_cache=True
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **cache_kwargs(state.cache.cache),
         ).logits
 
     def tree_extend(

@@ -23,6 +23,8 @@ from transformers.models.mistral.modeling_mistral import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
+from ..generation.kvcache import cache_kwargs
+
 PARTS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     "llama": (LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding),
     "mistral": (MistralAttention, MistralMLP, MistralRMSNorm, MistralRotaryEmbedding),
@@ -102,5 +104,5 @@ def attend(
     if mask is None:
         past = cache.get_seq_length() if cache is not None else 0
         mask = causal_mask(positions, past + hidden.shape[1], hidden.dtype)
-    out, _ = attn(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=mask, cache=cache)
+    out, _ = attn(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=mask, **cache_kwargs(cache))
     return out
