@@ -103,6 +103,40 @@ def tiny_tokenizer(tmp_path_factory):
     return fast
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A real fast tokenizer WITH a ChatML-style chat template (<|im_start|>role ... <|im_end|>, eos
+    <|im_end|>, like most chat models), so tests go through the installed transformers'
+    `apply_chat_template`; word-level, vocabulary <= VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a draft model verifier token fast speculative decoding is exact and same output text runs on cpu gpu"
+    words = [*words.split(), "user", "assistant", "system", "why", "how", "what"]
+    corpus = [" ".join(random.Random(i).choices(words, k=12)) for i in range(200)]
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) <= VOCAB and fast.convert_tokens_to_ids("<|im_start|>") != fast.unk_token_id
+    return fast
+
+
 def run_without_package(code: str, cwd: Path) -> str:
     """Run `code` in a fresh Python where `import speculators_hf` fails; return stdout."""
     prelude = textwrap.dedent(
@@ -150,16 +184,43 @@ def assert_greedy_exact(verifier, draft, prompts, max_new_tokens: int = 24, **ge
     return total
 
 
-def sampling_pit_values(verifier, sequences: list[torch.Tensor], prompt_len: int, temperature: float, seed: int = 0):
+def reference_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None):
+    """transformers' own warpers for these settings, in the order its generate() applies them: the definition
+    of the distribution a sampled token must follow (built here, not by the code under test)."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p))
+    return warpers
+
+
+def reference_probs(logits: torch.Tensor, temperature: float = 1.0, **warp) -> torch.Tensor:
+    """The verifier's sampling distribution [N, V] from its logits [N, V] under these settings."""
+    scores = logits.float()
+    for warper in reference_warpers(temperature, **warp):
+        scores = warper(None, scores)
+    return torch.softmax(scores, dim=-1)
+
+
+def sampling_pit_values(
+    verifier, sequences: list[torch.Tensor], prompt_len: int, temperature: float = 1.0, seed: int = 0, **warp
+):
     """Randomised probability-integral-transform values of every sampled token under the verifier's
-    exact conditional distribution (tokens ordered by probability). If the tokens were drawn from the
-    verifier's distribution, these are i.i.d. Uniform(0, 1) (chain rule), whatever the draft did."""
+    exact conditional distribution (tokens ordered by probability), with the sampling settings `temperature`
+    and `warp` (top_k, top_p, min_p). If the tokens were drawn from the verifier's distribution, these are
+    i.i.d. Uniform(0, 1) (chain rule), whatever the draft did."""
     gen = torch.Generator().manual_seed(seed)
     values = []
     with torch.no_grad():
         for seq in sequences:
-            logits = verifier(seq).logits[0, prompt_len - 1 : -1].float() / temperature
-            probs = torch.softmax(logits, dim=-1)
+            probs = reference_probs(verifier(seq).logits[0, prompt_len - 1 : -1], temperature, **warp)
             for t, token in enumerate(seq[0, prompt_len:].tolist()):
                 p = probs[t]
                 order = torch.argsort(p, descending=True, stable=True)
@@ -174,6 +235,25 @@ def ks_uniform_statistic(values: list[float]) -> float:
     xs = sorted(values)
     n = len(xs)
     return max(max((i + 1) / n - x, x - i / n) for i, x in enumerate(xs))
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-3) -> tuple[float, float]:
+    """Pearson's chi-square of observed `counts` against expected probabilities `probs` (cells expecting fewer
+    than 5 draws merged into one), and its critical value at false-alarm rate `alpha` (Wilson-Hilferty)."""
+    import math
+    from statistics import NormalDist
+
+    n = counts.sum().item()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum().item() + (obs[~keep].sum().item() * 1e9)
+    df = int(keep.sum().item()) - 1
+    z = NormalDist().inv_cdf(1 - alpha)
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, crit
 
 
 def ks_critical_value(n: int, alpha: float) -> float:

@@ -284,7 +284,8 @@ def _batched_run(
 ) -> _Measured:
     """Left-padded batches of `batch_size` prompts through the verifier alone (draft None) or the package's
     loop; outputs are each row as prompt + its new tokens up to its eos (padding removed)."""
-    from .generation.loop import eos_token_ids, generate
+    from .generation.loop import generate
+    from .generation.settings import eos_token_ids
 
     pad = verifier.generation_config.pad_token_id
     pad = 0 if pad is None else int(pad)

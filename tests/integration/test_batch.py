@@ -140,7 +140,9 @@ def test_verifier_never_recomputes_the_prefix():
         sh.generate(verifier, draft, ids, mask, max_new_tokens=12, tree="chain:3")
     finally:
         handle.remove()
-    assert widths[0] == ids.shape[1] and set(widths[1:]) == {4}
+    # root + 3 draft tokens per pass; only the last passes are cut to the tokens still allowed (12 new tokens)
+    assert widths[0] == ids.shape[1] and widths[1] == 4 and set(widths[1:]) <= {2, 3, 4}, widths
+    assert widths[1:].count(4) >= len(widths[1:]) - 3  # rooms 3, 2, 1: 2, 1 and 1 draft tokens
 
 
 def test_compaction_keeps_the_output():

@@ -1,11 +1,12 @@
 """Token selection and the verification of a drafted tree, for the package's own loop.
 
-Greedy: walk down from the root; at each node the verifier's argmax is emitted, and the walk continues
-into the child holding that token, if any. Every emitted token is the verifier's own greedy choice, so
+Greedy: walk down from the root; at each node the verifier's argmax (after the row's logits processors,
+run on the node's own sequence: see `Sampler`) is emitted, and the walk continues into the child holding
+that token, if any. Every emitted token is the verifier's own greedy choice, so
 the output equals the verifier alone, whatever the tree.
 
 Sampling (multi-draft speculative sampling, recursive rejection): at a node with verifier distribution
-p, the children x_1, x_2, ... are tried in order. A child drawn from the draft distribution q (a chain
+p (the softmax of its processed scores), the children x_1, x_2, ... are tried in order. A child drawn from the draft distribution q (a chain
 when sampling) is accepted with probability min(1, p(x)/q(x)); otherwise p becomes norm(max(p - q, 0)).
 A child chosen deterministically (tree drafting: top-k by draft confidence) is a draw from the point
 mass q = delta_x, so the same rule reads: accept with probability p(x), otherwise remove x from p and
@@ -17,49 +18,101 @@ verifier's distribution.
 
 from __future__ import annotations
 
-import torch
-from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from collections.abc import Sequence
+from typing import Any
 
-from .sampling import TokenPicker
+import torch
+
+from .sampling import choose
+from .settings import is_position_free
 from .tree import DraftTree
 
 
-class Sampler(TokenPicker):
-    """The verifier's decoding rule, applied alike to verifier and draft logits: argmax (greedy) or a
-    draw from softmax of the logits after temperature, top-k and top-p (a `TokenPicker` whose processors
-    are those warpers)."""
+class Sampler:
+    """The verifier's decoding rule, applied alike to verifier and draft logits anywhere in a round.
+
+    Each batch row has the logits processors transformers builds for it (`settings.row_decodings`); they
+    run on the token sequence the scored position really has: the row's context (prompt and emitted
+    tokens, up to the round's root) followed by the path from the root to the position inside the tree.
+    Then argmax (greedy) or a draw from the softmax (sampling). When every processor depends on the
+    scores alone (temperature, top-k, top-p, ...), one call covers the whole batch and no sequence is built.
+    """
 
     def __init__(
         self,
         do_sample: bool,
-        temperature: float | None = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
         generator: torch.Generator | None = None,
+        row_processors: Sequence[Sequence[Any]] | None = None,
     ):
-        warpers: list = []
-        if do_sample:
-            if temperature is not None and temperature != 1.0:
-                if temperature <= 0:
-                    raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-        super().__init__(warpers, do_sample, generator)
+        self.do_sample, self.generator = do_sample, generator
+        self.row_processors = [list(p) for p in (row_processors or [[]])]
+        self.has_processors = any(self.row_processors)
+        # rows' lists differ only in processors that read the sequence, so a position-free list is everyone's
+        self.position_free = all(is_position_free(p) for row in self.row_processors for p in row)
+        self.rows: list[int] = list(range(len(self.row_processors)))
+        self.contexts: list[torch.Tensor] | None = None
 
-    def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        """float32 scores [..., V] after the warpers (identity when greedy)."""
-        return self.process(None, logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
+    def begin_round(self, rows: list[int], contexts: list[torch.Tensor] | None) -> None:
+        """The batch of this round: original row index of each row and, unless `position_free`, each row's
+        context (1D ids up to and including the root)."""
+        if not self.position_free and contexts is None:
+            raise ValueError("these logits processors read the token sequence: give each row's context")
+        self.rows, self.contexts = rows, contexts
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.warp(logits), dim=-1)
+    @staticmethod
+    def _process(processors: list[Any], ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(ids, scores)
+        return scores
 
-    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, V] -> (token [B], the distribution it was drawn from [B, V], or None when greedy)."""
-        token, scores = self(None, logits)
-        return token, torch.softmax(scores, dim=-1) if self.do_sample else None
+    def _row_scores(self, i: int, paths: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """Row i's processed scores [K, V] for K positions whose paths after the root are `paths` [K, d]."""
+        assert self.contexts is not None
+        ids = self.contexts[i].to(logits.device)[None].expand(logits.shape[0], -1)
+        if paths is not None and paths.shape[-1]:
+            ids = torch.cat([ids, paths.to(ids.device)], dim=1)
+        return self._process(self.row_processors[self.rows[i]], ids, logits.float())
+
+    def scores(self, logits: torch.Tensor, paths: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 scores after the processors: `logits` [B, V] or [B, K, V], `paths` [B, d] or [B, K, d] the
+        tokens from the root (exclusive) to each scored position (None: the root itself)."""
+        if self.position_free:
+            scores = logits.float()
+            if not self.has_processors:
+                return scores
+            flat = self._process(self.row_processors[0], None, scores.reshape(-1, scores.shape[-1]))
+            return flat.reshape(scores.shape)
+        if logits.dim() == 2:
+            return self.scores(logits[:, None], None if paths is None else paths[:, None])[:, 0]
+        return torch.stack(
+            [self._row_scores(i, None if paths is None else paths[i], logits[i]) for i in range(logits.shape[0])]
+        )
+
+    def block_scores(self, logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Processed scores of a verified block [B, N+1, V] (the root, then the tree's nodes, each scored on the
+        path from the root to it; nodes of different depths have paths of different lengths)."""
+        if self.position_free:
+            return self.scores(logits)
+        anc = tree.block_ancestors[:, :, 1:]  # ancestors-or-self below the root, in root-to-node order
+        depth = anc.sum(dim=2)
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for i in range(logits.shape[0]):
+            for d in range(tree.max_depth + 1):
+                index = (depth[i] == d).nonzero().squeeze(1)
+                if index.numel():
+                    paths = tree.tokens[i][None].expand(index.numel(), -1)[anc[i, index]].view(index.numel(), d)
+                    out[i, index] = self._row_scores(i, paths, logits[i, index])
+        return out
+
+    # the rule as the tree and the acceptance test use it
+    def warp(self, logits: torch.Tensor, paths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scores(logits, paths)
+
+    def pick(self, logits: torch.Tensor, path: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, V] (and the path [B, d] to the position) -> (token [B], the distribution it was drawn from [B, V],
+        or None when greedy)."""
+        scores = self.scores(logits, path)
+        return choose(scores, self.do_sample, self.generator), torch.softmax(scores, -1) if self.do_sample else None
 
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator).item())
@@ -74,9 +127,10 @@ def block_layout(tree: DraftTree, root: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def accept_greedy(
-    logits: torch.Tensor, tree: DraftTree, root: torch.Tensor
+    logits: torch.Tensor, tree: DraftTree, root: torch.Tensor, sampler: Sampler | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Verify greedily. `logits` [B, N+1, V] are the verifier's at the block (root first).
+    """Verify greedily. `logits` [B, N+1, V] are the verifier's at the block (root first); the target at each
+    entry is the argmax after `sampler`'s logits processors (if any), as transformers' greedy search picks.
 
     Returns (path [B, S]: block indices of the root and the accepted nodes, emitted [B, S]: the token
     emitted after each path node, count [B]: how many columns are valid, i.e. accepted nodes + 1),
@@ -86,6 +140,8 @@ def accept_greedy(
     different tokens, so the accepted nodes form one path from the root: the deepest of them and its
     ancestors, in block order (a parent's index is smaller than its child's)."""
     tokens, parents = block_layout(tree, root)
+    if sampler is not None and sampler.has_processors:
+        logits = sampler.block_scores(logits, tree)
     target = logits.argmax(dim=-1)  # [B, N+1]
     anc = tree.block_ancestors  # [B, N+1, N+1]
     width = tokens.shape[1]
@@ -102,12 +158,25 @@ def accept_greedy(
     return path, target.gather(1, path), count
 
 
+def rejection_residual(p: torch.Tensor, q: torch.Tensor | None, x: int) -> torch.Tensor:
+    """What is left of p [V] once draft token x, drawn from q (None: chosen deterministically, a point mass at x),
+    was rejected: norm(max(p - q, 0)), or p without x. Returns p unchanged when nothing is left (p == q up to
+    rounding, in which case x was accepted with probability 1)."""
+    if q is None:
+        residual = p.clone()
+        residual[x] = 0.0
+    else:
+        residual = torch.clamp(p - q, min=0.0)
+    total = residual.sum()
+    return residual / total if total > 0 else p
+
+
 def accept_sampling(
     logits: torch.Tensor, tree: DraftTree, root: torch.Tensor, sampler: Sampler
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Verify by recursive rejection sampling; same outputs as `accept_greedy`."""
     tokens, parents = block_layout(tree, root)
-    probs = sampler.probs(logits)  # [B, N+1, V]
+    probs = torch.softmax(sampler.block_scores(logits, tree), dim=-1)  # [B, N+1, V]
     batch, width = tokens.shape
     steps = tree.max_depth + 1
     path = torch.zeros(batch, steps, dtype=torch.long, device=tokens.device)
@@ -130,14 +199,7 @@ def accept_sampling(
                 if sampler.uniform() < float(accept):
                     chosen = j
                     break
-                residual = p.clone()
-                if q is None:
-                    residual[x] = 0.0
-                else:
-                    residual = torch.clamp(residual - q, min=0.0)
-                total = residual.sum()
-                if total > 0:  # 0 only when p == q up to rounding: then x was accepted with probability 1
-                    p = residual / total
+                p = rejection_residual(p, q, x)
             if chosen is None:
                 emitted[b, n] = torch.multinomial(p, 1, generator=sampler.generator).item()
                 count[b] = n + 1

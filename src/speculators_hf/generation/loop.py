@@ -19,7 +19,6 @@ verifier's own forward pass.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,9 @@ from transformers import GenerationConfig
 from .acceptance import Sampler, accept_greedy, accept_sampling
 from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
+from .settings import eos_token_ids, prepare_config, row_decodings
 from .stats import GenerationStats
 from .tree import TreeSpec, build_tree
-
-UNSUPPORTED = {
-    "num_beams": 1,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "num_return_sequences": 1,
-}
 
 
 @dataclass
@@ -47,29 +40,6 @@ class SpeculativeOutput:
     sequences: torch.Tensor  # [B, prompt + new], the prompt as given, new tokens padded with pad_token_id
     stats: GenerationStats  # summed over rows
     row_stats: list[GenerationStats] = field(default_factory=list)  # one per row (tau per row)
-
-
-def _generation_config(verifier: Any, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
-    config = copy.deepcopy(generation_config or verifier.generation_config)
-    unused = config.update(**kwargs)
-    if unused:
-        raise TypeError(f"speculators_hf.generate got unexpected arguments {sorted(unused)}")
-    for name, neutral in UNSUPPORTED.items():
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            raise ValueError(
-                f"speculators_hf.generate does not support {name}={value!r} (only {neutral!r}); use "
-                "verifier.generate(..., assistant_model=draft) for other decoding settings"
-            )
-    return config
-
-
-def eos_token_ids(config: GenerationConfig) -> set[int]:
-    """The eos ids of a generation config, as a set (empty when it has none)."""
-    eos = config.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
 def _check_verifier(verifier: Any) -> None:
@@ -113,12 +83,15 @@ def generate(
 
     `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth]",
     "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), or None for a chain of
-    the draft's `speculative_tokens`. Decoding settings (`max_new_tokens`, `do_sample`, `temperature`,
-    `top_k`, `top_p`, `eos_token_id`, `pad_token_id`) default to the verifier's generation config.
-    Greedy output equals the verifier alone, token for token; sampled output follows its distribution.
-    Returns the sequences [B, n + new] (the prompt as given, then the new tokens, padded with the pad id),
-    or a `SpeculativeOutput` with per-row stats. `draft.generation_stats` holds the summed stats."""
-    config = _generation_config(verifier, generation_config, kwargs)
+    the draft's `speculative_tokens`. Generation settings (`generation_config` and/or keyword arguments,
+    defaulting to the verifier's generation config) are applied exactly as `verifier.generate` applies them,
+    or refused with an error naming them (see `speculators_hf.generation.settings`). Each row is generated as
+    the verifier generates its prompt alone: greedy output equals it token for token, sampled output follows
+    its distribution. The draft never drafts past the tokens a row may still emit.
+    Returns the sequences [B * num_return_sequences, n + new] (the prompt as given, then the new tokens,
+    padded with the pad id), or a `SpeculativeOutput` with per-row stats. `draft.generation_stats` holds the
+    summed stats."""
+    config, default_max_length, default_min_length = prepare_config(verifier, generation_config, kwargs)
     spec = TreeSpec.parse(tree, default_depth=int(draft.config.speculative_tokens or 5))
     _check_verifier(verifier)
     if getattr(draft, "verifier", None) is not verifier:
@@ -127,33 +100,43 @@ def generate(
     device = verifier.device
     original_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     ids, valid = _left_pad(original_ids.to(device), None if attention_mask is None else attention_mask.to(device))
+    copies = int(config.num_return_sequences or 1)
+    if copies > 1:  # several samples per prompt, each prompt's copies next to each other (as transformers)
+        original_ids, ids, valid = (t.repeat_interleave(copies, dim=0) for t in (original_ids, ids, valid))
     batch = ids.shape[0]
-    max_new = config.max_new_tokens
-    if max_new is None:
-        max_new = max(int(config.max_length or 20) - ids.shape[1], 0)
+    prompts = [row[keep] for row, keep in zip(ids, valid)]
+    decodings = row_decodings(verifier, config, prompts, default_max_length, default_min_length)
+    max_new = [d.max_new_tokens for d in decodings]
     eos = eos_token_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (min(eos) if eos else 0)
-    sampler = Sampler(bool(config.do_sample), config.temperature, config.top_k, config.top_p, generator)
-    accept = accept_greedy if not sampler.do_sample else None
+    sampler = Sampler(bool(config.do_sample), generator, [d.processors for d in decodings])
     dtype = verifier.dtype
 
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     row_stats = [GenerationStats() for _ in range(batch)]
     rows = torch.arange(batch, device=device)  # original index of each row still in the batch
 
+    def contexts() -> list[torch.Tensor] | None:
+        """Each current row's sequence up to its newest token, when the processors read sequences."""
+        if sampler.position_free:
+            return None
+        return [
+            torch.cat([prompts[r], torch.tensor(new_tokens[r], dtype=torch.long, device=device)]) for r in rows.tolist()
+        ]
+
     def emit(row_tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Append emitted tokens per row (cut at eos / max_new_tokens); returns which rows finished."""
+        """Append emitted tokens per row (cut at eos / the row's max new tokens); returns which rows finished."""
         done = torch.zeros(rows.shape[0], dtype=torch.bool)
         for i, (row, count) in enumerate(zip(rows.tolist(), counts.tolist())):
             out = new_tokens[row]
             for token in row_tokens[i, :count].tolist():
-                if len(out) >= max_new:
+                if len(out) >= max_new[row]:
                     break
                 out.append(token)
                 if token in eos:
                     break
             row_stats[row].emitted_tokens = len(out)
-            done[i] = len(out) >= max_new or (bool(out) and out[-1] in eos)
+            done[i] = len(out) >= max_new[row] or (bool(out) and out[-1] in eos)
         return done
 
     # The rounds run in inference mode (no autograd bookkeeping: a few % per round on CPU). What is returned
@@ -164,7 +147,7 @@ def generate(
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         tap.arm()
         try:
-            if max_new > 0:
+            if max(max_new) > 0:
                 # prefill: the prompt, then the first token of the verifier's own
                 logits = verifier(
                     input_ids=ids,
@@ -175,6 +158,7 @@ def generate(
                 ).logits[:, -1]
                 vcache.commit(valid)
                 features = [tap.states[i] for i in tap.layer_ids]
+                sampler.begin_round(rows.tolist(), contexts())
                 root, _ = sampler.pick(logits)
                 for s in row_stats:
                     s.verifier_forwards = 1
@@ -198,7 +182,11 @@ def generate(
                     state.select(keep)
                 if rows.numel() == 0:
                     break
-                drafted = build_tree(draft, state, spec, sampler, root_logits, root_handle, root_positions)
+                sampler.begin_round(rows.tolist(), contexts())
+                # never draft past what a row may still emit: a round emits the accepted nodes plus one token
+                room = max(max_new[r] - len(new_tokens[r]) for r in rows.tolist())
+                round_spec = spec.clamped(max(room - 1, 1))
+                drafted = build_tree(draft, state, round_spec, sampler, root_logits, root_handle, root_positions)
                 if state.cache is not None:
                     state.cache.truncate()
                 block_tokens = torch.cat([root[:, None], drafted.tokens], dim=1)
@@ -213,10 +201,10 @@ def generate(
                     use_cache=True,
                 ).logits
                 features = [tap.states[i] for i in tap.layer_ids]
-                if accept is not None:
-                    path, emitted, counts = accept(logits, drafted, root)
-                else:
+                if sampler.do_sample:
                     path, emitted, counts = accept_sampling(logits, drafted, root, sampler)
+                else:
+                    path, emitted, counts = accept_greedy(logits, drafted, root, sampler)
                 # the longest row's path is all that is needed; a shorter row's spare columns point at the
                 # block entry of their own index (dead: only so that a chain's path is the block's prefix)
                 columns = torch.arange(int(counts.max()), device=device)

@@ -62,12 +62,16 @@ class TokenPicker:
     def __call__(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
         scores = self.process(input_ids, logits)
-        if self.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        else:
-            token = scores.argmax(dim=-1)
-        return token, scores
+        return choose(scores, self.do_sample, self.generator), scores
+
+
+def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The token a decoding rule picks from processed scores [..., V]: a draw from softmax(scores) when
+    sampling (exactly the q the acceptance test is given), else the argmax."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
 
 
 def point_mass(token: torch.Tensor, vocab_size: int) -> torch.Tensor:

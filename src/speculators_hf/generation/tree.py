@@ -210,9 +210,11 @@ def build_tree(
 
 
 def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -> DraftTree:
-    tokens, dists, parents = [], [], None
+    tokens: list[torch.Tensor] = []
+    dists, parents = [], None
     for depth in range(1, spec.depth + 1):
-        token, dist = sampler.pick(logits)
+        path = torch.stack(tokens, dim=1) if tokens else None  # the tokens between the root and this position
+        token, dist = sampler.pick(logits, path)
         tokens.append(token)
         dists.append(dist)
         if depth < spec.depth:
@@ -239,12 +241,13 @@ def _dynamic(fed: _FedNodes, spec: TreeSpec, sampler: Any, root_logits: torch.Te
     rows = torch.arange(batch, device=device)[:, None]
     pool_tokens, pool_scores = [tokens], [scores]
     pool_parents, pool_depths = [torch.full_like(tokens, -1)], [torch.ones_like(tokens)]
-    # the frontier: the `beam` best nodes of the newest depth (pool indices), and their fed indices
+    # the frontier: the `beam` best nodes of the newest depth (pool indices), their fed indices and their paths
     tokens, scores = tokens[:, :beam], scores[:, :beam]
     frontier, frontier_fed, pool_size = torch.arange(beam, device=device).expand(batch, beam), None, k
+    paths = tokens[:, :, None]  # [B, beam, depth]: the tokens from the root (exclusive) to each frontier node
     for depth in range(1, spec.depth):
         logits, fed_index = fed.expand(tokens, depth, frontier_fed)  # feed the frontier
-        child_scores, child_tokens = torch.log_softmax(sampler.warp(logits), dim=-1).topk(k, dim=-1)  # [B, beam, k]
+        child_scores, child_tokens = torch.log_softmax(sampler.warp(logits, paths), dim=-1).topk(k, dim=-1)
         cumulative = (scores[:, :, None] + child_scores).reshape(batch, beam * k)
         child_tokens = child_tokens.reshape(batch, beam * k)
         parent_slot = torch.arange(beam, device=device).repeat_interleave(k).expand(batch, beam * k)
@@ -254,6 +257,7 @@ def _dynamic(fed: _FedNodes, spec: TreeSpec, sampler: Any, root_logits: torch.Te
         pool_depths.append(torch.full_like(child_tokens, depth + 1))
         best = torch.sort(cumulative, dim=1, descending=True, stable=True).indices[:, :beam]
         tokens, scores = child_tokens[rows, best], cumulative[rows, best]
+        paths = torch.cat([paths[rows, best // k], tokens[:, :, None]], dim=2)
         frontier, frontier_fed = pool_size + best, fed_index[rows, best // k]
         pool_size += beam * k
     all_scores = torch.cat(pool_scores, dim=1)
