@@ -3,15 +3,21 @@
 In one run, on the same prompts, greedy: the verifier alone, transformers' assisted generation with
 a small LM, prompt-lookup decoding, and each of our drafts at several draft lengths k. For every
 method it reports tau (tokens per verifier forward pass), tokens/s, the speedup over the verifier
-alone, whether the output is identical to it, and for our drafts the measured draft/verifier cost
-ratio c and the speedup an ideal implementation would reach with the measured tau:
-tau / (1 + k c), the formula (1 - a^(k+1)) / ((1 - a)(1 + k c)) with tau = (1 - a^(k+1)) / (1 - a).
+alone, whether the output is identical to it (every run of every prompt, token for token: a row that is
+not says NO and the command exits non-zero), and for our drafts the tokens actually drafted per round
+(k_d: fewer than k where a draft cannot predict k ahead, and in the last rounds), the measured
+draft/verifier cost ratio c and the speedup an ideal implementation would reach with the measured tau:
+tau / (1 + k_d c), the formula (1 - a^(k+1)) / ((1 - a)(1 + k c)) with tau = (1 - a^(k+1)) / (1 - a);
+and the same with the verification width charged, tau / (v(k_d + 1) + k_d c), where v(n) is what one
+verifier pass over n tokens costs in passes over one token on this machine (`verification_costs`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -23,13 +29,14 @@ from typing import Any
 import torch
 
 from .generation.stats import GenerationStats
+from .progress import Progress
 
 
 @dataclass
 class BenchResult:
     method: str
     k: int | None
-    tau: float
+    tau: float | None  # None where the method reports no acceptance statistics
     tokens: int
     seconds: float
     tokens_per_s: float
@@ -37,7 +44,15 @@ class BenchResult:
     exact: bool = True
     cost_ratio: float | None = None
     ideal_speedup: float | None = None
+    drafted_per_round: float | None = None  # k_d: draft tokens actually drafted per round
+    ideal_speedup_width_charged: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured_over_ideal(self) -> float | None:
+        """speedup / the width-charged ideal (or the plain ideal where the width cost is unknown)."""
+        ideal = self.ideal_speedup_width_charged or self.ideal_speedup
+        return self.speedup / ideal if ideal else None
 
 
 class _DraftTimer:
@@ -118,6 +133,8 @@ def run_bench(
     trees: list[str] | None = None,
     batch_size: int = 1,
     repeats: int = 1,
+    verification_cost: dict[int, float] | None = None,
+    progress: bool = True,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
     `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop.
@@ -126,7 +143,8 @@ def run_bench(
     batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself.
     The methods take turns prompt by prompt (batch by batch), so that a slow spell of a shared machine
     falls on all of them alike. `repeats` > 1: every method is run over all prompts that many times and
-    each row reports its median run."""
+    each row reports its median run. `verification_cost` (from `verification_costs`, widths k + 1) adds the
+    width-charged ideal speedup. `progress`: a bar on a terminal, a line every 30 s otherwise."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     methods = [_Method("verifier alone", None, lambda chunk, warm: _Measured(*_run(verifier, chunk, max_new_tokens)))]
@@ -182,13 +200,16 @@ def run_bench(
         _run(verifier, prompts[:1], 8)
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     measured: list[list[_Measured]] = [[] for _ in methods]
+    bar = Progress(repeats * len(chunks) * len(methods), "bench", unit="run", enabled=progress)
     for repeat in range(repeats):
         this_repeat = [_Measured([], 0.0) for _ in methods]
         for c, chunk in enumerate(chunks):
             for method, run in zip(methods, this_repeat):
                 run.add(method.measure(chunk, warmup and repeat == 0 and c == 0))
+                bar.update(1, f"repeat {repeat + 1}/{repeats}, prompts {c * batch_size + len(chunk)}/{len(prompts)}")
         for runs_of_method, run in zip(measured, this_repeat):
             runs_of_method.append(run)
+    bar.close()
     reference = measured[0][0].outputs
     base_s = _median_run(measured[0]).seconds
     tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(reference, prompts))
@@ -199,22 +220,38 @@ def run_bench(
         run = _median_run(runs_of_method)
         n = sum(o.shape[1] - p.shape[1] for o, p in zip(run.outputs, prompts))
         exact = all(torch.equal(a, b) for r in runs_of_method for a, b in zip(r.outputs, reference))
-        result = BenchResult(
-            method.name, method.k, float("nan"), n, run.seconds, n / run.seconds, base_s / run.seconds, exact
-        )
+        result = BenchResult(method.name, method.k, None, n, run.seconds, n / run.seconds, base_s / run.seconds, exact)
         if method is methods[0]:  # the verifier alone: one token per forward pass
             result.tau = 1.0
         if run.stats is not None:
             result.tau = run.stats.tau
             result.extra["acceptance_rate"] = run.stats.acceptance_rate
-        if run.draft_seconds and run.stats is not None and method.k:
+            if run.stats.draft_rounds:
+                result.drafted_per_round = run.stats.drafted_tokens / run.stats.draft_rounds
+        if run.draft_seconds and run.stats is not None and result.drafted_per_round:
+            k_d = result.drafted_per_round
             result.cost_ratio = (run.draft_seconds / max(run.stats.drafted_tokens, 1)) / forward_s
-            result.ideal_speedup = run.stats.tau / (1 + method.k * result.cost_ratio)
+            result.ideal_speedup = run.stats.tau / (1 + k_d * result.cost_ratio)
+            if verification_cost:
+                width = interpolate(verification_cost, k_d + 1)
+                result.ideal_speedup_width_charged = run.stats.tau / (width + k_d * result.cost_ratio)
             result.extra["draft_seconds"] = run.draft_seconds
         if repeats > 1:
             result.extra["seconds_of_each_run"] = [r.seconds for r in runs_of_method]
         results.append(result)
     return results
+
+
+def interpolate(costs: dict[int, float], width: float) -> float:
+    """The verifier's cost of a pass over `width` tokens (possibly fractional: the mean width of a run's
+    rounds), linear between the measured widths, constant beyond them."""
+    points = sorted((int(n), float(c)) for n, c in costs.items())
+    if width <= points[0][0]:
+        return points[0][1]
+    for (n0, c0), (n1, c1) in itertools.pairwise(points):
+        if width <= n1:
+            return c0 + (c1 - c0) * (width - n0) / (n1 - n0)
+    return points[-1][1]
 
 
 def _median_run(runs: list[_Measured]) -> _Measured:
@@ -344,21 +381,54 @@ def _tree_run(
     return run
 
 
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` prints it (from /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description() -> str:
+    """What the figures were measured on: the GPU, or the CPU model, its cores and torch's threads."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    import os
+
+    return (
+        f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), "
+        f"torch {torch.__version__}, transformers {_transformers_version()}"
+    )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
 
 
 def markdown_table(results: list[BenchResult]) -> str:
-    head = "| method | k | tau | tokens/s | speedup | identical | cost ratio c | ideal speedup | measured/ideal |\n|---|---|---|---|---|---|---|---|---|\n"
+    """One row per method and k: the table `speculators-hf bench` prints and BENCHMARKS.md quotes."""
+    head = (
+        "| method | k | drafted/round | tau | tokens/s | speedup | identical | cost ratio c | ideal speedup "
+        "| ideal, width charged | measured/ideal |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows = []
     for r in results:
-        ratio = f"{r.speedup / r.ideal_speedup:.0%}" if r.ideal_speedup else ""
+        ratio = r.measured_over_ideal
         rows.append(
-            f"| {r.method} | {r.k or ''} | {'' if r.tau != r.tau else f'{r.tau:.2f}'} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
-            f"{'yes' if r.exact else 'NO'} | {'' if r.cost_ratio is None else f'{r.cost_ratio:.3f}'} | "
-            f"{'' if r.ideal_speedup is None else f'{r.ideal_speedup:.2f}x'} | {ratio} |"
+            f"| {r.method} | {r.k or ''} | {_number(r.drafted_per_round, '.2f')} | {_number(r.tau, '.2f')} | "
+            f"{r.tokens_per_s:.1f} | {r.speedup:.2f}x | {'yes' if r.exact else 'NO'} | {_number(r.cost_ratio, '.3f')} | "
+            f"{_number(r.ideal_speedup, '.2f')}{'x' if r.ideal_speedup else ''} | "
+            f"{_number(r.ideal_speedup_width_charged, '.2f')}{'x' if r.ideal_speedup_width_charged else ''} | "
+            f"{'' if ratio is None else f'{ratio:.0%}'} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -369,37 +439,91 @@ def verification_table(costs: dict[int, float]) -> str:
     return head + "\n".join(f"| {n} | {cost:.2f} |" for n, cost in sorted(costs.items())) + "\n"
 
 
+def _strict(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null (strict JSON has neither)."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_report(results: list[BenchResult], out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """results.json, results.md and speedup.png (if matplotlib is installed) under `out_dir`."""
+    """results.json (strict JSON), results.md and speedup.png (if matplotlib is installed) under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    data = _strict({"meta": meta, "results": [asdict(r) for r in results]})
+    (out / "results.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     table = markdown_table(results)
     if meta.get("verification_cost"):
         table += "\nVerifier pass cost by width (`verification_costs`):\n\n" + verification_table(
             meta["verification_cost"]
         )
     (out / "results.md").write_text(f"Machine: {meta.get('machine')}\n\nCommand: `{meta.get('command')}`\n\n{table}")
+    plot_results(results, meta, out / "speedup.png")
+    return out
+
+
+def _base_name(method: str) -> str:
+    """The batch-1 row of a batched method: "eagle3 (batch 4, tree chain:5)" -> "eagle3 (tree chain:5)",
+    "verifier alone (batch 4)" -> "verifier alone"."""
+    return re.sub(r"batch \d+, ", "", re.sub(r" \(batch \d+\)", "", method))
+
+
+def plot_results(results: list[BenchResult], meta: dict[str, Any], path: Path) -> Path | None:
+    """One question per panel: which method is fastest (speedup at its best k, batch 1), how acceptance grows
+    with k (tau by k, drafts in transformers' loop), and what batching adds (tokens/s at batch 1 and in
+    batches). Legends sit outside the data; the machine is in the title. None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return out
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r.method for r in results if r.k):
-        rs = [r for r in results if r.method == method]
-        ax1.plot([r.k for r in rs], [r.speedup for r in rs], marker="o", label=method)
-        if all(r.tau == r.tau for r in rs):
-            ax2.plot([r.k for r in rs], [r.tau for r in rs], marker="o", label=method)
-    ax1.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax1.set(xlabel="draft length k", ylabel="speedup over verifier alone", title="wall-clock speedup")
-    ax2.set(xlabel="draft length k", ylabel="tau (tokens per verifier pass)", title="acceptance length")
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
-    fig.suptitle(meta.get("machine", ""), fontsize=9)
+        return None
+    single = [r for r in results if "batch" not in r.method]
+    batched = [r for r in results if "batch" in r.method]
+    best: dict[str, BenchResult] = {}
+    for r in single:
+        if r.method not in best or r.speedup > best[r.method].speedup:
+            best[r.method] = r
+    panels = 3 if batched else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 5.2))
+    ax = axes[0]
+    order = sorted(best.values(), key=lambda r: r.speedup)
+    colors = ["tab:green" if r.exact else "tab:red" for r in order]
+    ax.barh([r.method for r in order], [r.speedup for r in order], color=colors)
+    for i, r in enumerate(order):
+        ax.text(r.speedup, i, f" {r.speedup:.2f}x" + (f" (k={r.k})" if r.k else ""), va="center", fontsize=7)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="speedup over the verifier alone (batch 1)", title="Speedup at each method's best k")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlim(0, max(r.speedup for r in order) * 1.3)
+    ax = axes[1]
+    for method in dict.fromkeys(r.method for r in single if r.k and r.tau is not None and "tree" not in r.method):
+        rows = sorted((r for r in single if r.method == method), key=lambda r: r.k or 0)
+        if len(rows) > 1:
+            ax.plot([r.k for r in rows], [r.tau for r in rows], marker="o", label=method)
+    ax.set(xlabel="draft length k", ylabel="tau (tokens per verifier pass)", title="Acceptance length by k")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if batched:
+        ax = axes[2]
+        size = batched[0].method.split("batch ")[1].split(")")[0].split(",")[0]
+        pairs = []
+        for r in batched:
+            alone = next((s for s in single if s.method == _base_name(r.method)), None)
+            pairs.append((_base_name(r.method), alone.tokens_per_s if alone else 0.0, r.tokens_per_s))
+        ys = range(len(pairs))
+        ax.barh([y + 0.2 for y in ys], [p[1] for p in pairs], height=0.4, label="batch 1")
+        ax.barh([y - 0.2 for y in ys], [p[2] for p in pairs], height=0.4, label=f"batch {size}")
+        ax.set_yticks(list(ys), [p[0] for p in pairs], fontsize=7)
+        ax.set(xlabel="tokens per second", title=f"Throughput: batch 1 and batch {size} (own loop)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{meta.get('machine', '')} | {meta.get('command', '')}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return out
+    return path

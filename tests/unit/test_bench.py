@@ -9,8 +9,10 @@ from conftest import make_prompts, make_verifier
 
 import speculators_hf as sh
 from speculators_hf.bench import (
+    interpolate,
     machine_description,
     markdown_table,
+    plot_results,
     run_bench,
     verification_costs,
     verification_table,
@@ -33,13 +35,71 @@ def test_bench_runs_every_method_and_checks_exactness(tmp_path):
         )
     assert all(r.exact for r in results)
     ours = [r for r in results if r.method == "eagle3"]
-    assert all(r.cost_ratio > 0 and r.ideal_speedup == r.tau / (1 + r.k * r.cost_ratio) for r in ours)
+    for r in ours:  # the ideal charges the tokens actually drafted per round (the first round drafts one)
+        assert r.cost_ratio > 0 and 1 <= r.drafted_per_round <= r.k
+        assert r.ideal_speedup == pytest.approx(r.tau / (1 + r.drafted_per_round * r.cost_ratio))
     assert all(r.tokens == 36 for r in results)
 
     out = write_report(results, tmp_path, {"machine": machine_description(), "command": "pytest"})
-    data = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}: not strict JSON"))
     assert len(data["results"]) == len(results)
+    assert next(r for r in data["results"] if r["method"] == "prompt lookup")["tau"] is None
     assert "| eagle3 | 2 |" in markdown_table(results)
+
+
+def test_ideal_speedup_charges_what_was_drafted_and_the_verification_width():
+    """An MLP speculator with 2 stages drafts at most 2 tokens whatever k: its ideal charges 2, not k = 5; with
+    the verifier's pass cost by width, the width-charged ideal divides by v(k_d + 1) + k_d c."""
+    verifier = make_verifier(num_hidden_layers=3)
+    draft = sh.MLPSpeculator.from_verifier(verifier, n_predict=2)
+    costs = {1: 1.0, 3: 1.5, 6: 2.0}
+    (_alone, row) = run_bench(
+        verifier, make_prompts(2), {"mlp": draft}, [5], max_new_tokens=10, prompt_lookup=False,
+        verification_cost=costs, progress=False,
+    )  # fmt: skip
+    assert 1 < row.drafted_per_round <= 2
+    k_d, c = row.drafted_per_round, row.cost_ratio
+    assert row.ideal_speedup == pytest.approx(row.tau / (1 + k_d * c))
+    width = 1.0 + 0.5 * k_d / 2  # linear between the widths 1 and 3
+    assert row.ideal_speedup_width_charged == pytest.approx(row.tau / (width + k_d * c))
+    assert row.measured_over_ideal == pytest.approx(row.speedup / row.ideal_speedup_width_charged)
+    assert interpolate(costs, 4.5) == pytest.approx(1.75) and interpolate(costs, 9) == 2.0
+
+
+def test_plot_has_one_question_per_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    verifier = make_verifier(num_hidden_layers=3)
+    draft = sh.Eagle3Speculator.from_verifier(verifier)
+    results = run_bench(
+        verifier, make_prompts(4), {"eagle3": draft}, [2, 3], max_new_tokens=6, prompt_lookup=False, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkey_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return monkey_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        path = plot_results(results, {"machine": "test machine", "command": "bench"}, tmp_path / "p.png")
+    finally:
+        plt.Figure.savefig = monkey_savefig
+    assert path is not None and path.stat().st_size > 0
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert titles == [
+        "Speedup at each method's best k",
+        "Acceptance length by k",
+        "Throughput: batch 1 and batch 2 (own loop)",
+    ]
+    assert "test machine" in figures[0]._suptitle.get_text()
+    for ax in figures[0].axes:  # legends outside the data (anchored right of the axes), never over it
+        legend = ax.get_legend()
+        assert legend is None or legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1
 
 
 def test_bench_batched_rows_are_exact_per_row():
