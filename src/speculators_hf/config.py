@@ -14,10 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, ClassVar, Literal
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 # Version of the `speculators` checkpoint format these configs follow (what `speculators` 0.9 writes).
 SPECULATORS_FORMAT_VERSION = "0.9.0"
@@ -26,6 +38,89 @@ MODEL_TYPE = "speculators"
 
 class SpeculatorConfigError(ValueError):
     """A speculator config (or config.json) is malformed; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# bounds on config values
+# --------------------------------------------------------------------------------------------------
+# A config.json is read from files nobody vetted, and its numbers decide how much memory and time a draft
+# built from it takes before any weight is read (a 12 KB file claiming 10^8 layers per head would build for
+# hours). Each bound is far above any published model, so it only ever refuses a broken or crafted file;
+# the tensors a config implies are also compared with the weight files before anything is allocated
+# (`models/checkpoint.py`), which bounds memory by the checkpoint's real size.
+MAX_SPECULATIVE_TOKENS = 64  # draft tokens per round (published drafts use 3..10; acceptance decays geometrically)
+MAX_DRAFT_HEADS = 64  # Medusa heads, MLP speculator stages (published: 3..5)
+MAX_LAYERS_PER_HEAD = 64  # residual layers per Medusa head (published: 1)
+MAX_LAYERS = 1024  # decoder layers of a verifier or an independent draft LM (largest public models: ~130)
+MAX_ATTENTION_HEADS = 1024  # attention / key-value heads of a layer (largest public models: 128)
+MAX_WIDTH = 1 << 18  # 262,144: hidden, intermediate, embedding and head widths (largest public: ~53k)
+MAX_VOCAB_SIZE = 1 << 22  # 4,194,304 tokens (largest public vocabularies: ~262k)
+
+
+# Integer fields in 1..limit; strict, so 1e8, 32.0, true or "5" in a config.json are refused too.
+SpeculativeTokens = Annotated[StrictInt, Field(gt=0, le=MAX_SPECULATIVE_TOKENS)]
+DraftHeads = Annotated[StrictInt, Field(gt=0, le=MAX_DRAFT_HEADS)]
+LayersPerHead = Annotated[StrictInt, Field(gt=0, le=MAX_LAYERS_PER_HEAD)]
+Layers = Annotated[StrictInt, Field(gt=0, le=MAX_LAYERS)]
+Width = Annotated[StrictInt, Field(gt=0, le=MAX_WIDTH)]
+VocabSize = Annotated[StrictInt, Field(gt=0, le=MAX_VOCAB_SIZE)]
+
+# Fields of a nested transformers config (`transformer_layer_config`, `draft_model_config`) that size the
+# model built from it, by their standard names (a config class's `attribute_map` gives its own names).
+LAYER_LIMITS = {
+    "hidden_size": MAX_WIDTH,
+    "intermediate_size": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "num_attention_heads": MAX_ATTENTION_HEADS,
+    "num_key_value_heads": MAX_ATTENTION_HEADS,
+    "num_hidden_layers": MAX_LAYERS,
+    "vocab_size": MAX_VOCAB_SIZE,
+}
+
+
+def layer_config_problems(
+    values: Mapping[str, Any], field: str, attribute_map: Mapping[str, str] | None = None
+) -> list[str]:
+    """What is wrong with a nested transformers config (as a dict), one line per problem naming
+    `field.key`, the value and what is expected: sizes are integers within `LAYER_LIMITS`, the attention
+    heads split evenly (query heads over key-value heads; the hidden size over the heads when `head_dim`
+    is unset, as transformers then derives it), `hidden_act` is an activation transformers knows
+    (`ACT2FN`) and `rms_norm_eps` a positive number. Checked before the config class is built, whose own
+    errors (ZeroDivisionError, KeyError, negative tensor sizes) would not name the field."""
+    names = dict(attribute_map or {})
+
+    def get(name: str) -> tuple[str, Any]:
+        key = names.get(name, name)
+        return f"{field}.{key}", values.get(key)
+
+    problems, sizes = [], {}
+    for name, limit in LAYER_LIMITS.items():
+        where, value = get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            problems.append(f"  {where}: must be an integer in 1..{limit} (got {value!r})")
+        else:
+            sizes[name] = value
+    heads, kv_heads = sizes.get("num_attention_heads"), sizes.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(
+            f"  {get('num_attention_heads')[0]}: {heads} query heads cannot be shared evenly by {kv_heads} key-value "
+            f"heads ({get('num_key_value_heads')[0]}); make num_attention_heads a multiple of num_key_value_heads"
+        )
+    hidden = sizes.get("hidden_size")
+    if heads and hidden and get("head_dim")[1] is None and hidden % heads:
+        problems.append(
+            f"  {get('hidden_size')[0]}: {hidden} is not a multiple of num_attention_heads ({heads}), and head_dim is "
+            "unset (transformers derives it as hidden_size // num_attention_heads); fix the sizes or set head_dim"
+        )
+    where, act = get("hidden_act")
+    if act is not None and (not isinstance(act, str) or act not in ACT2FN):
+        problems.append(f"  {where}: unknown activation {act!r}; transformers knows {sorted(ACT2FN)}")
+    where, eps = get("rms_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
+        problems.append(f"  {where}: must be a positive number (got {eps!r})")
+    return problems
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -48,7 +143,7 @@ class ProposalMethod(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     proposal_type: Literal["greedy", "sample", "tree"] = "greedy"
-    speculative_tokens: PositiveInt = 5
+    speculative_tokens: SpeculativeTokens = 5
     verifier_accept_k: PositiveInt = 1
     accept_tolerance: NonNegativeFloat = 0.0
 
@@ -65,9 +160,9 @@ class VerifierReference(BaseModel):
     name_or_path: str | None = None
     architectures: list[str] = Field(default_factory=list)
     revision: str | None = None
-    vocab_size: PositiveInt | None = None
-    hidden_size: PositiveInt | None = None
-    num_hidden_layers: PositiveInt | None = None
+    vocab_size: VocabSize | None = None
+    hidden_size: Width | None = None
+    num_hidden_layers: Layers | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -288,17 +383,35 @@ def default_speculators_config(algorithm: str, speculative_tokens: int = 5) -> d
 
 
 def build_layer_config(
-    value: PretrainedConfig | dict[str, Any] | None, default_type: str = "llama"
+    value: PretrainedConfig | dict[str, Any] | None,
+    default_type: str = "llama",
+    field: str = "transformer_layer_config",
 ) -> PretrainedConfig:
-    """A nested decoder-layer config (`transformer_layer_config`) from a dict or config."""
+    """A nested transformers config (`transformer_layer_config`, `draft_model_config`: the `field` named in
+    errors) from a dict or a config, checked with `layer_config_problems` before it is built."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if isinstance(value, PretrainedConfig):
+        values, model_type = value.to_dict(), value.model_type
+    else:
+        values = dict(value or {})
+        model_type = values.pop("model_type", default_type)
+        values.pop("transformers_version", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise SpeculatorConfigError(
+            f"{field}.model_type {model_type!r} is not a model type this transformers version knows "
+            "(e.g. 'llama', 'qwen3'); fix it in config.json, or upgrade transformers"
+        )
+    problems = layer_config_problems(values, field, getattr(CONFIG_MAPPING[model_type], "attribute_map", None))
+    if problems:
+        raise SpeculatorConfigError(
+            f"Invalid {field} ({model_type}):\n" + "\n".join(problems) + "\nFix these fields in config.json (or the "
+            "arguments) and load again."
+        )
     if isinstance(value, PretrainedConfig):
         return value
-    value = dict(value or {})
-    model_type = value.pop("model_type", default_type)
-    value.pop("transformers_version", None)
     try:
-        return AutoConfig.for_model(model_type, **value)
-    except ValueError as err:
-        raise SpeculatorConfigError(
-            f"transformer_layer_config.model_type {model_type!r} is not a transformers model type: {err}"
-        ) from err
+        return AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError, StrictDataclassError) as err:  # the config class's own checks
+        raise SpeculatorConfigError(f"Invalid {field} ({model_type}): {err}") from err

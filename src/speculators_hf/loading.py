@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .config import SpeculatorConfig
 from .models import FAMILIES, SpeculatorModel
+from .models.checkpoint import recover_interrupted_save
 
 _MODEL_FOR_CONFIG = {config_class: model_class for config_class, model_class in FAMILIES}
 
@@ -19,8 +21,12 @@ _MODEL_FOR_CONFIG = {config_class: model_class for config_class, model_class in 
 def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorModel:
     """Load a draft checkpoint (ours, or a `speculators` 0.9 one whose config has no `model_type`).
 
-    `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...).
+    `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...). A local folder
+    that a killed save left missing (only where folders cannot be swapped atomically) is restored first
+    (`models.checkpoint.recover_interrupted_save`).
     """
+    if not Path(name_or_path).expanduser().exists():
+        recover_interrupted_save(Path(name_or_path).expanduser().absolute())
     hub_kwargs = {
         k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
     }
@@ -51,9 +57,17 @@ class AutoSpeculatorForCausalLM:
         """`verifier`: a loaded model, or an id/path overriding the draft's reference. `kwargs` (dtype,
         device_map, revision, cache_dir, ...) go to the draft; `verifier_kwargs` (default: the dtype,
         device_map, cache_dir, token and local_files_only of `kwargs`) to the verifier's
-        `AutoModelForCausalLM.from_pretrained`."""
+        `AutoModelForCausalLM.from_pretrained`.
+
+        When the draft records its verifier's `tokenizer_hash`, binding checks it against `tokenizer`, or
+        when none is passed, against the tokenizer found where the verifier came from (its id or path, same
+        revision; a loaded verifier's `name_or_path`); if none can be loaded there, a warning says the hash
+        was not checked. A different tokenizer is a `VerifierBindingError` naming tokenizer_hash."""
         draft = load_draft(draft_name_or_path, **kwargs)
-        if not isinstance(verifier, PreTrainedModel):
+        vkw: dict[str, Any] = {}
+        if isinstance(verifier, PreTrainedModel):
+            source = getattr(verifier, "name_or_path", None) or verifier.config.name_or_path or None
+        else:
             reference = draft.config.verifier
             name = verifier or reference.get("name_or_path")
             if not name:
@@ -67,9 +81,32 @@ class AutoSpeculatorForCausalLM:
             )
             if verifier is None and reference.get("revision"):
                 vkw.setdefault("revision", reference["revision"])
+            source = str(name)
             verifier = AutoModelForCausalLM.from_pretrained(name, **vkw)
+        if tokenizer is None and draft.config.verifier.get("tokenizer_hash"):
+            tokenizer = verifier_tokenizer(source, vkw)
         draft.to(verifier.device)  # type: ignore[arg-type]
         return draft.bind_verifier(verifier, tokenizer=tokenizer)
+
+
+def verifier_tokenizer(source: str | None, kwargs: dict[str, Any]) -> Any:
+    """The tokenizer stored with the verifier at `source` (never remote code), or None with a warning that the
+    draft's tokenizer_hash could not be checked."""
+    from transformers import AutoTokenizer
+
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    reason = "the verifier has no name or path to load it from"
+    if source:
+        try:
+            return AutoTokenizer.from_pretrained(source, **hub)
+        except Exception as err:  # any failure means the same thing here: no tokenizer to compare
+            reason = f"loading it from {source} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    warnings.warn(
+        f"the draft records its verifier's tokenizer_hash, but the verifier's tokenizer could not be loaded: {reason}. "
+        "The tokenizer was NOT checked; pass tokenizer=<the verifier's tokenizer> to check it.",
+        stacklevel=3,
+    )
+    return None
 
 
 def save_to_hub_cache(

@@ -8,7 +8,9 @@
   (`verifier.generate(..., assistant_model=draft)`): it returns `.sequences` (prompt + k draft
   tokens), `.scores` (k [1, V] tensors over the verifier vocabulary) and `.cache` (a `DraftSession`).
 - `save_pretrained` writes safetensors, a complete config, the flat remote-code files and `auto_map`,
-  atomically. `from_pretrained` turns missing or misshapen tensors into errors.
+  atomically. `from_pretrained` trusts nothing in the checkpoint: files outside the folder, tensors the
+  config implies but the file lacks (checked before anything is allocated), wrong dtypes and NaN/inf
+  values are errors. The file handling lives in `checkpoint.py`.
 
 A family subclass defines: `verifier_layer_ids`, `new_draft_state`, `propose`, `config_from_verifier`
 and optionally `init_from_verifier` / `on_bind`.
@@ -18,14 +20,12 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
@@ -35,10 +35,27 @@ from ..generation.sampling import TokenPicker
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
 from ..remote_code import write_remote_code
+from .checkpoint import (
+    UnsafeCheckpointError,
+    carry_over,
+    checkpoint_weight_files,
+    meta_model,
+    non_finite_tensors,
+    recover_interrupted_save,
+    replacing_folder,
+    safetensors_header,
+    save_target,
+    tensor_infos,
+    weight_problems,
+)
+
+# from_pretrained's arguments that say where a checkpoint's files come from
+DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
 class SpeculatorLoadError(ValueError):
-    """A checkpoint's weights do not match its config (missing, unexpected or misshapen tensors)."""
+    """A checkpoint's weights do not match its config (missing, unexpected, misshapen or mistyped tensors), hold
+    invalid values (NaN/inf, an out-of-range vocabulary map), or lie outside the checkpoint folder."""
 
 
 def is_speculator(model: Any) -> bool:
@@ -318,37 +335,41 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     # checkpoints
     # ---------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Save weights (safetensors), config, remote code and `auto_map`; atomic: an interrupted save
-        leaves an existing checkpoint at `save_directory` untouched."""
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise NotADirectoryError(f"{target} exists and is not a directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Save weights (safetensors), config, remote code and `auto_map` into `save_directory`, atomically.
+
+        The path is resolved first (`sub/..` is a folder's parent, a symlink its target). The checkpoint is
+        written into a new folder beside it, which then takes its place in one step (`checkpoint.replacing_folder`):
+        a save killed at any moment leaves the previous checkpoint or the new one, never a mix, and the next
+        save removes what it left behind. Files of the existing folder that a save does not write (a tokenizer,
+        a person's README.md) are carried over; weights, weight indexes, config and remote code never are (the
+        new save defines them), nor symlinks or special files (a warning names them)."""
+        target = save_target(save_directory)
         kwargs["safe_serialization"] = True
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            if target.is_dir():  # keep files that are not ours (e.g. a tokenizer saved beside the draft)
-                shutil.copytree(target, tmp, dirs_exist_ok=True)
-            self.config.auto_map = write_remote_code(type(self), tmp)
-            super().save_pretrained(tmp, *args, **kwargs)
-            if SpeculatorModel.card_writer is not None:
-                SpeculatorModel.card_writer(self, tmp)
-            backup = tmp.with_name(tmp.name + ".old")
+        with replacing_folder(target) as work:
             if target.is_dir():
-                target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                carry_over(target, work)
+            self.config.auto_map = write_remote_code(type(self), work)
+            super().save_pretrained(work, *args, **kwargs)
+            if SpeculatorModel.card_writer is not None:
+                SpeculatorModel.card_writer(self, work)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Load a draft; a tensor missing from the checkpoint or of the wrong shape is an error."""
+        """Load a draft from safetensors, trusting nothing in the checkpoint.
+
+        Before anything is allocated: the weight files must lie inside the checkpoint folder (an index naming
+        `../x` is refused), and their headers must hold exactly the tensors the config implies, in shape and
+        dtype class (a config claiming far more than the file holds fails here, in milliseconds). After loading:
+        no weight may hold NaN or inf, and family values are checked (`weight_value_problems`, e.g. EAGLE-3's
+        d2t). Every failure is a `SpeculatorLoadError` (or `SpeculatorConfigError` for config.json) naming the
+        tensor or field, the bad value and the fix."""
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)  # never unpickle a draft's weights
         # Mismatched shapes are collected (not re-initialised silently: we raise below) so that the
         # error can name every tensor with both shapes.
         kwargs["ignore_mismatched_sizes"] = True
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            cls.check_checkpoint_files(pretrained_model_name_or_path, kwargs)
         loaded: Any = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model, info = loaded
         missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
@@ -364,12 +385,64 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
                 for key, got, want in mismatched
             ]
             lines += [f"  unexpected {k}: this {cls.__name__} config has no such tensor" for k in unexpected]
+            raise cls.weights_error(pretrained_model_name_or_path, lines, model.load_error_hint(unexpected))
+        problems = model.weight_value_problems()
+        if problems:
+            cast = " (loaded as float16: values beyond +-65504 overflow; load with dtype=torch.float32 or bfloat16)"
             raise SpeculatorLoadError(
-                f"{pretrained_model_name_or_path} does not hold the weights its config describes:\n"
-                + "\n".join(lines)
-                + "\n"
-                + model.load_error_hint(unexpected)
-                + "The checkpoint is incomplete or was written for another config; re-download it, fix its config or "
-                "convert it with `speculators-hf convert`."
+                f"{pretrained_model_name_or_path} holds invalid weight values"
+                f"{cast if model.dtype == torch.float16 else ''}:\n" + "\n".join(problems) + "\nThe checkpoint is "
+                "corrupt (a diverged training run, a bad conversion or a damaged download): re-download it, or train or "
+                "convert it again."
             )
         return (model, info) if want_info else model
+
+    @classmethod
+    def weights_error(cls, source: Any, lines: list[str], hint: str = "") -> SpeculatorLoadError:
+        return SpeculatorLoadError(
+            f"{source} does not hold the weights its config describes:\n"
+            + "\n".join(lines)
+            + "\n"
+            + hint
+            + "The checkpoint is incomplete or was written for another config; re-download it, fix its config or "
+            "convert it with `speculators-hf convert`."
+        )
+
+    @classmethod
+    def check_checkpoint_files(cls, name_or_path: Any, kwargs: dict[str, Any]) -> None:
+        """The checks `from_pretrained` makes before transformers allocates anything (see there): the files it
+        will read, and their safetensors headers against the tensors of `cls(config)` built on the meta device."""
+        if kwargs.get("gguf_file"):
+            raise SpeculatorLoadError("drafts load from safetensors only: gguf_file is not supported")
+        local = Path(str(name_or_path)).expanduser()
+        if not local.exists():
+            recover_interrupted_save(local.absolute())  # a save killed between its two renames (see checkpoint.py)
+        download = {k: kwargs[k] for k in DOWNLOAD_KWARGS if kwargs.get(k) is not None}
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(config or name_or_path, **download)
+        if getattr(config, "transformers_weights", None) is not None:
+            raise SpeculatorLoadError(
+                f"{name_or_path}: config.json sets transformers_weights={config.transformers_weights!r}; a draft's "
+                "weights are model.safetensors (or its shards and index). Remove the key from config.json."
+            )
+        if kwargs.get("use_safetensors") is False:
+            return  # pickles asked for explicitly: transformers reads them with weights_only
+        try:
+            files = checkpoint_weight_files(name_or_path, kwargs.get("variant"), **download)
+            found = safetensors_header(files)
+        except UnsafeCheckpointError as err:
+            raise SpeculatorLoadError(f"{name_or_path}: {err}") from err
+        if not files:
+            return  # transformers reports the missing weights file
+        model = meta_model(cls, config)
+        expected = tensor_infos(model)
+        lines = weight_problems(expected, found, cls.optional_weights, f"{cls.__name__} config")
+        if lines:
+            unexpected = [name for name in found if name not in expected]
+            raise cls.weights_error(name_or_path, lines, model.load_error_hint(unexpected))
+
+    def weight_value_problems(self) -> list[str]:
+        """What is wrong with the loaded values, one line each naming the tensor: NaN or inf in a weight.
+        Families add their own checks (EAGLE-3: the draft-to-verifier vocabulary map)."""
+        return [f"  {name}: holds NaN or inf values" for name in non_finite_tensors(self.state_dict().items())]

@@ -36,7 +36,7 @@ class IndependentSpeculatorConfig(SpeculatorConfig):
     draft_model_config: Any = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        self.draft_model_config = build_layer_config(self.draft_model_config)
+        self.draft_model_config = build_layer_config(self.draft_model_config, field="draft_model_config")
         super().__post_init__(**kwargs)
         if not self.architectures:
             self.architectures = ["IndependentSpeculator"]

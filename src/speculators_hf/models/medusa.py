@@ -21,12 +21,20 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PretrainedConfig
 from transformers import initialization as init
 
-from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculators_config
+from ..config import (
+    MAX_DRAFT_HEADS,
+    DraftHeads,
+    LayersPerHead,
+    SpeculatorConfig,
+    SpeculatorConfigError,
+    Width,
+    default_speculators_config,
+)
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
@@ -40,9 +48,9 @@ class MedusaFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hidden_size: PositiveInt
-    medusa_num_heads: PositiveInt
-    medusa_num_layers: PositiveInt = 1
+    hidden_size: Width
+    medusa_num_heads: DraftHeads
+    medusa_num_layers: LayersPerHead = 1
 
 
 @SpeculatorConfig.register_family
@@ -58,7 +66,7 @@ class MedusaSpeculatorConfig(SpeculatorConfig):
     medusa_num_layers: int = 1
 
     def __post_init__(self, **kwargs: Any) -> None:
-        valid = isinstance(self.medusa_num_heads, int) and self.medusa_num_heads > 0
+        valid = self.max_speculative_tokens is not None
         if self.speculators_config is None:
             self.speculators_config = default_speculators_config(self.family, self.medusa_num_heads if valid else 1)
         super().__post_init__(**kwargs)
@@ -67,8 +75,9 @@ class MedusaSpeculatorConfig(SpeculatorConfig):
 
     @property
     def max_speculative_tokens(self) -> int | None:
-        valid = isinstance(self.medusa_num_heads, int) and self.medusa_num_heads > 0
-        return self.medusa_num_heads if valid else None
+        heads = self.medusa_num_heads
+        valid = isinstance(heads, int) and not isinstance(heads, bool) and 0 < heads <= MAX_DRAFT_HEADS
+        return heads if valid else None  # an invalid count is reported by the schema (MedusaFields)
 
 
 class MedusaBlock(nn.Module):

@@ -39,12 +39,21 @@ import math
 from typing import Any, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictInt, model_validator
 from torch import nn
 from transformers import PretrainedConfig
 from transformers import initialization as init
 
-from ..config import SpeculatorConfig, SpeculatorConfigError, default_speculators_config
+from ..config import (
+    MAX_DRAFT_HEADS,
+    MAX_WIDTH,
+    DraftHeads,
+    SpeculatorConfig,
+    SpeculatorConfigError,
+    VocabSize,
+    Width,
+    default_speculators_config,
+)
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
@@ -66,10 +75,10 @@ class MLPSpeculatorFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    emb_dim: PositiveInt
-    inner_dim: NonNegativeInt = 0
-    n_predict: PositiveInt
-    top_k_tokens_per_head: list[PositiveInt]
+    emb_dim: Width
+    inner_dim: StrictInt = Field(default=0, ge=0, le=MAX_WIDTH)
+    n_predict: DraftHeads
+    top_k_tokens_per_head: list[VocabSize]
     n_candidates: PositiveInt = 5
     tie_weights: bool = False
     scale_input: bool = False
@@ -103,7 +112,7 @@ class MLPSpeculatorConfig(SpeculatorConfig):
     scale_input: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
-        valid_n = isinstance(self.n_predict, int) and self.n_predict > 0
+        valid_n = self.max_speculative_tokens is not None  # a default list of 10^8 entries is never built
         if self.top_k_tokens_per_head is None and valid_n:
             self.top_k_tokens_per_head = default_top_k(self.n_predict)
         if self.speculators_config is None:  # draft length defaults to the number of heads (vLLM's default too)
@@ -114,7 +123,9 @@ class MLPSpeculatorConfig(SpeculatorConfig):
 
     @property
     def max_speculative_tokens(self) -> int | None:
-        return self.n_predict if isinstance(self.n_predict, int) and self.n_predict > 0 else None
+        n = self.n_predict
+        valid = isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DRAFT_HEADS
+        return n if valid else None  # an invalid count is reported by the schema (MLPSpeculatorFields)
 
     @property
     def inner_size(self) -> int:
