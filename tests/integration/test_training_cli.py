@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_data_then_accelerate_launch_train(tmp_path, tiny_tokenizer):
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     """`torchrun --nproc_per_node 2` (DDP over gloo on CPU): each process takes its own share of the global
     batch, so 2 processes x 4 blocks train the same draft as 1 process x 8 blocks (full loss masks make
-    the mean of the per-process means the global mean)."""
+    the mean of the per-process means the global mean). A DDP run resumed from its step-4 checkpoint (each
+    rank restores its own RNG state) ends bit-identical to the uninterrupted one."""
     from safetensors.torch import load_file
 
     from speculators_hf.training.data import save_blocks
@@ -114,20 +116,31 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     ids = torch.randint(3, 96, (48, 24), generator=torch.Generator().manual_seed(0))
     save_blocks(tmp_path / "data", ids, torch.ones_like(ids, dtype=torch.uint8), {"verifier": "verifier"})
     common = ["-m", "speculators_hf.cli", "train", "--verifier", "verifier", "--data", "data", "--steps", "5"]
-    common += ["--eval-blocks", "0", "--ttt-steps", "2", "--warmup-steps", "1"]  # full vocabulary: equal counts
+    common += ["--eval-blocks", "0", "--ttt-steps", "2", "--warmup-steps", "1", "--save-every", "2"]  # full vocab
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {
         "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common, "--batch-size", "4"],
         "single": [sys.executable, *common, "--batch-size", "8"],
     }
-    for name, cmd in runs.items():
+
+    def launch(name: str) -> subprocess.CompletedProcess:
         run_env = {**env, "ACCELERATE_USE_CPU": "true"} if name == "ddp" else env
         proc = subprocess.run(
-            [*cmd, "--output", name], capture_output=True, text=True, env=run_env, timeout=300, cwd=tmp_path
+            [*runs[name], "--output", name], capture_output=True, text=True, env=run_env, timeout=300, cwd=tmp_path
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "ddp" / "checkpoints" / "step-5" / "random_states_1.pkl").exists()  # two ranks took part
+        return proc
+
+    for name in runs:
+        launch(name)
+    assert (tmp_path / "ddp" / "checkpoints" / "step-5" / "rng-1.safetensors").exists()  # two ranks took part
     ddp, single = (load_file(tmp_path / name / "final" / "model.safetensors") for name in runs)
+    # as if killed after the step-4 checkpoint: the DDP resume must end where the uninterrupted run did
+    shutil.rmtree(tmp_path / "ddp" / "checkpoints" / "step-5")
+    shutil.rmtree(tmp_path / "ddp" / "final")
+    assert "step-4 (step 4)" in launch("ddp").stderr  # resumed, not restarted
+    resumed = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[key], ddp[key]) for key in ddp)
     assert ddp.keys() == single.keys()
     for key in ddp:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
