@@ -1,0 +1,113 @@
+"""Command-line argument types shared by every `speculators-hf` subcommand: a bad value is refused by argparse
+with one line naming the argument, the value and what is expected (exit code 2), before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr: `speculators-hf bench: error: ... (see ... --help)`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int_list(text: str) -> list[int]:
+    """`3,5,7` -> [3, 5, 7]."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,5,7, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def looks_like_local_path(name: str) -> bool:
+    """An existing path, or a string shaped like a path rather than a Hub id (`org/name` or `name`)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.exists(name) or name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def model_ref(text: str) -> str:
+    """A Hub id (`org/name`), or a local folder that exists: a missing local path is named as such rather than
+    looked up on the Hub (where the error would be about the network)."""
+    if looks_like_local_path(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise argparse.ArgumentTypeError(
+                f"{text}: no such folder (give an existing folder, or a Hub id such as org/name)"
+            )
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file: give the folder that holds config.json")
+        return str(path)
+    return text
+
+
+def existing_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return path
+
+
+def new_dir(text: str) -> Path:
+    """An output folder: may exist (as a folder), must not be a file."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: give a folder to write into")
+    return path
+
+
+def tree_spec(text: str) -> str:
+    """A draft tree (`chain:5`, `dynamic:6:8:48[:beam]`, or a JSON list of rank paths), checked now."""
+    from .generation.tree import TreeSpec
+
+    try:
+        TreeSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
