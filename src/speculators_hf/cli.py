@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,16 +13,17 @@ from typing import Any
 
 import torch
 
-
-def _timed_generate(verifier: Any, input_ids: torch.Tensor, repeats: int, **kwargs: Any) -> tuple[torch.Tensor, float]:
-    """Best-of-`repeats` wall time of one greedy generate() call (the first call warms up)."""
-    out, best = None, float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        out = verifier.generate(input_ids, do_sample=False, **kwargs)
-        best = min(best, time.perf_counter() - start)
-    assert out is not None
-    return out, best
+from .arguments import (
+    Parser,
+    existing_dir,
+    existing_file,
+    model_ref,
+    new_dir,
+    non_negative_int,
+    positive_int,
+    positive_int_list,
+    tree_spec,
+)
 
 
 def _builtin_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -43,15 +45,20 @@ def _builtin_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _hub_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
+    from .config import SpeculatorConfig
     from .loading import AutoSpeculatorForCausalLM
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
-    draft = AutoSpeculatorForCausalLM.from_pretrained(args.draft, verifier=args.verifier, dtype=dtype)
+    # the verifier's tokenizer is loaded first, so that binding checks the draft's recorded tokenizer_hash
+    name = args.verifier or SpeculatorConfig.from_pretrained(args.draft).verifier.get("name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(name) if name else None  # no name: the next line says what to pass
+    draft = AutoSpeculatorForCausalLM.from_pretrained(
+        args.draft, verifier=args.verifier, dtype=dtype, tokenizer=tokenizer
+    )
     verifier: Any = draft.verifier
     if args.device:
         verifier.to(args.device)
         draft.to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.verifier or draft.config.verifier["name_or_path"])
     return verifier.eval(), draft.eval(), tokenizer
 
 
@@ -81,25 +88,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f" ({sum(p.numel() for p in verifier.parameters()) / 1e6:.1f}M parameters)")  # fmt: skip
     print(f"draft:    {family}, {sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M parameters, "
           f"k={draft.config.speculative_tokens} tokens per round")  # fmt: skip
+    from .bench import machine_description, run_bench
+
+    k = int(draft.config.speculative_tokens)
+    # the bench's machinery: a warm-up, then the two methods take turns `repeats` times; median run of each,
+    # and "identical" compares every run's output with the verifier alone, token for token
+    plain, assisted = run_bench(
+        verifier, [input_ids], {family: draft}, [k], args.max_new_tokens, prompt_lookup=False, repeats=args.repeats,
+        progress=False,
+    )  # fmt: skip
     with torch.inference_mode():
-        plain, t_plain = _timed_generate(verifier, input_ids, args.repeats, max_new_tokens=args.max_new_tokens)
-        assisted, t_assisted = _timed_generate(
-            verifier, input_ids, args.repeats, max_new_tokens=args.max_new_tokens, assistant_model=draft
-        )
-    identical = torch.equal(plain, assisted)
-    new = plain[0, input_ids.shape[1] :]
+        output = verifier.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    new = output[0, input_ids.shape[1] :]
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else str(new.tolist())
     print(f"\noutput ({len(new)} tokens): {text}\n")
-    print(f"identical to the verifier alone: {'yes' if identical else 'NO'}")
-    print(f"acceptance: {draft.generation_stats}")
-    print(f"time: verifier alone {t_plain:.3f}s, with draft {t_assisted:.3f}s -> speedup {t_plain / t_assisted:.2f}x")
+    print(f"identical to the verifier alone: {'yes' if assisted.exact else 'NO'} (all {args.repeats} runs)")
+    print(
+        f"acceptance: tau {assisted.tau:.2f} tokens per verifier pass, "
+        f"{assisted.extra.get('acceptance_rate', 0.0):.0%} of the drafted tokens accepted"
+    )
+    print(
+        f"time (median of {args.repeats} runs, taking turns): verifier alone {plain.seconds:.3f}s, with the draft "
+        f"{assisted.seconds:.3f}s -> speedup {assisted.speedup:.2f}x"
+    )
+    print(f"machine: {machine_description()}")
     if builtin:
         print(
             "\nThe benchmark zoo is not in this checkout, so this was a random verifier with an UNTRAINED draft: "
             "few draft tokens are accepted (tau near 1) and there is no speedup; it shows the exactness guarantee. "
             "Pass --verifier/--draft with Hub ids (e.g. --draft org/llama-eagle3) to see a trained draft at work."
         )
-    return 0 if identical else 1
+    return 0 if assisted.exact else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -115,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .loading import load_draft
     from .zoo import load_zoo_draft, zoo_families, zoo_prompts
 
-    k_values = [int(k) for k in args.k.split(",")]
+    k_values = args.k
     dtype = getattr(torch, args.dtype)
     if args.verifier is None:  # the embedded zoo
         families = args.families.split(",") if args.families else zoo_families()
@@ -148,26 +167,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for draft in drafts.values():
             draft.to(args.device)
     prompts = prompts[: args.num_prompts]
+    widths = [k + 1 for k in k_values] + [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or []]
+    costs = verification_costs(verifier, widths)  # first: it also warms the verifier up
     results = run_bench(
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
         trees=args.tree,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        verification_cost=costs,
     )  # fmt: skip
-    widths = [k + 1 for k in k_values] + [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or []]
     meta = {
         "machine": machine_description(),
         "command": "speculators-hf " + " ".join(sys.argv[1:]),
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "verification_cost": verification_costs(verifier, widths),
+        "verification_cost": costs,
     }
     out = write_report(results, args.out, meta)
     print(markdown_table(results))
     print(verification_table(meta["verification_cost"]))
     print(f"written to {out}")
-    return 0 if all(r.exact for r in results) else 1
+    different = [f"{r.method} (k={r.k})" if r.k else r.method for r in results if not r.exact]
+    if different:
+        print(f"NOT identical to the verifier alone: {', '.join(different)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -313,9 +338,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="speculators-hf", description="Speculative-decoding drafts as native Hugging Face models."
-    )
+    parser = Parser(prog="speculators-hf", description="Speculative-decoding drafts as native Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -327,12 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft: the benchmark zoo's verifier and EAGLE-3 draft (benchmarks/zoo), or, where the zoo is "
         "absent, a random verifier with an untrained draft built locally (no download).",
     )
-    demo.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
-    demo.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
+    demo.add_argument("--draft", type=model_ref, help="draft checkpoint (Hub id or path); default: built-in pair")
+    demo.add_argument(
+        "--verifier", type=model_ref, help="verifier (Hub id or path); default: the one named by the draft"
+    )
     demo.add_argument("--prompt", default="import os\nimport sys\n\ndef main(argv):\n    ", help="prompt text")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")
-    demo.add_argument("--repeats", type=int, default=1, help="timed repetitions (best is kept)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=128)
+    demo.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft length k (built-in pair)")
+    demo.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed runs of each method, taking turns (the median is reported)",
+    )
     demo.add_argument("--dtype", default="auto", help="torch dtype for Hub models (auto, float32, bfloat16, ...)")
     demo.add_argument("--device", default=None, help="device for Hub models (cpu, cuda, ...)")
     demo.set_defaults(func=cmd_demo)
@@ -343,27 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Greedy generation on held-out prompts with every method, in one run; writes results.json, "
         "results.md and speedup.png to --out. Without --verifier: the embedded benchmark zoo.",
     )
-    bench.add_argument("--verifier", help="verifier id or path (default: the benchmark zoo)")
+    bench.add_argument("--verifier", type=model_ref, help="verifier id or path (default: the benchmark zoo)")
     bench.add_argument("--draft", action="append", help="NAME=PATH of a draft (repeatable)")
-    bench.add_argument("--assistant-lm", help="small LM for transformers' own assisted generation")
+    bench.add_argument("--assistant-lm", type=model_ref, help="small LM for transformers' own assisted generation")
     bench.add_argument("--families", help="zoo drafts to run (default: all)")
-    bench.add_argument("--prompts", help="JSON list of prompt strings (or token id lists)")
-    bench.add_argument("--num-prompts", type=int, default=12)
-    bench.add_argument("--k", default="3,5,7", help="draft lengths")
-    bench.add_argument("--max-new-tokens", type=int, default=96)
+    bench.add_argument("--prompts", type=existing_file, help="JSON list of prompt strings (or token id lists)")
+    bench.add_argument("--num-prompts", type=positive_int, default=12)
+    bench.add_argument("--k", type=positive_int_list, default=[3, 5, 7], help="draft lengths, e.g. 3,5,7")
+    bench.add_argument("--max-new-tokens", type=positive_int, default=96)
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--device", default=None)
     bench.add_argument("--no-prompt-lookup", action="store_true")
     bench.add_argument(
-        "--batch-size", type=int, default=1, help="also measure throughput on batches of this many prompts (own loop)"
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="also measure throughput on batches of this many prompts (own loop)",
     )
     bench.add_argument(
-        "--repeats", type=int, default=1, help="run every method this many times over all prompts and report each "
+        "--repeats", type=positive_int, default=1, help="run every method this many times over all prompts and report each "
         "method's median run; the methods always take turns prompt by prompt (for machines shared with other work)",
     )  # fmt: skip
-    bench.add_argument("--out", default="bench_results", help="output folder")
+    bench.add_argument("--out", type=new_dir, default="bench_results", help="output folder")
     bench.add_argument(
-        "--tree", action="append", help="also run each draft in the package's own loop with this tree "
+        "--tree", action="append", type=tree_spec, help="also run each draft in the package's own loop with this tree "
         "(chain:5, dynamic:6:8:48 = depth:top_k:total_tokens[:beam], or a JSON list of rank paths); repeatable",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
@@ -375,16 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
         "chains, EAGLE-2 dynamic trees or static trees, greedy or sampled. Prints each output with its tau. "
         "Without --draft: a random verifier with an untrained EAGLE-3 draft built locally (no download).",
     )
-    gen.add_argument("--draft", help="draft checkpoint (Hub id or path); default: built-in pair")
-    gen.add_argument("--verifier", help="verifier (Hub id or path); default: the one named by the draft")
+    gen.add_argument("--draft", type=model_ref, help="draft checkpoint (Hub id or path); default: built-in pair")
+    gen.add_argument(
+        "--verifier", type=model_ref, help="verifier (Hub id or path); default: the one named by the draft"
+    )
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    gen.add_argument("--tree", default=None, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
+    gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
                      "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k (built-in pair)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
+    gen.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft length k (built-in pair)")
     gen.add_argument("--do-sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-k", type=non_negative_int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--check", action="store_true", help="greedy: also generate with the verifier alone and compare")
@@ -400,18 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
         "and every tensor with its shape, dtype and its name in the checkpoint vLLM/speculators reads "
         "('same' when identical).",
     )
-    inspect.add_argument("path", help="draft checkpoint (Hub id or path)")
+    inspect.add_argument("path", type=model_ref, help="draft checkpoint (Hub id or path)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=cmd_inspect)
 
     push = sub.add_parser(
         "push",
         help="upload a saved draft and its model card to the Hub in one commit",
-        description="Upload every file of a draft folder (written by save_pretrained) plus its model card to a Hub "
-        "repo in one commit. The verifier reference must be a Hub id that exists (checked first). A README.md "
-        "written by a person (in the folder or already in the repo) is kept.",
+        description="Upload the checkpoint files of a draft folder (written by save_pretrained) plus its model card to "
+        "a Hub repo in one commit: config.json, generation_config.json, the safetensors weights and their index, the "
+        "speculators_*.py remote code, README.md, custom_generate/, tokenizer files, training_summary.json and a "
+        "LICENSE/NOTICE. Only regular files inside the folder are uploaded: never a dotfile or dot-folder (.env, "
+        ".git), a symbolic link or a special file; every file left out is named in a warning. The verifier "
+        "reference must be a Hub id that exists (checked first). A README.md written by a person (in the folder or "
+        "already in the repo) is kept.",
     )
-    push.add_argument("path", help="draft folder written by save_pretrained")
+    push.add_argument("path", type=existing_dir, help="draft folder written by save_pretrained")
     push.add_argument("repo_id", help="target repo, e.g. org/llama-eagle3")
     push.add_argument("--private", action="store_true", help="create the repo private (a new repo only)")
     push.add_argument("--revision", help="branch to commit to (created if missing); default main")
@@ -435,12 +474,36 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.cli import add_parsers as add_convert_parsers
 
     add_convert_parsers(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--debug", action="store_true", help="show the full traceback of an error (also: SPECULATORS_HF_DEBUG=1)"
+        )
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (our errors list one problem per line: they are joined with "; ")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. A failure prints ONE line on stderr (`speculators-hf CMD: error: ...`) and exits 1;
+    bad arguments exit 2; `--debug` (or SPECULATORS_HF_DEBUG=1) shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    if args.debug or os.environ.get("SPECULATORS_HF_DEBUG"):
+        return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"speculators-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure, expected or not, is one line; --debug shows where it came from
+        print(
+            f"speculators-hf {args.command}: error: {one_line(err)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,17 +5,51 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import make_verifier
 
 import speculators_hf as sh
 from speculators_hf.cli import main
 
 
-def test_demo_builtin_pair_is_exact(capsys):
-    assert main(["demo", "--max-new-tokens", "12", "--repeats", "0"]) == 0
+def test_demo_is_exact_and_says_what_it_measured(capsys):
+    assert main(["demo", "--max-new-tokens", "12", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert "identical to the verifier alone: yes" in out
-    assert "tau=" in out and "speedup" in out
+    assert "identical to the verifier alone: yes (all 2 runs)" in out
+    assert "tau " in out and "median of 2 runs" in out and "speedup" in out and "machine: " in out
+
+
+@pytest.fixture
+def assisted_output_changed(monkeypatch):
+    """A method whose output differs from the verifier alone: the bench's runner changes the last token of every
+    output generated with a draft. The demo and the bench must say NO and exit non-zero."""
+    import speculators_hf.bench as bench
+
+    original = bench._run
+
+    def wrong(verifier, prompts, max_new_tokens, **kwargs):
+        outputs, seconds = original(verifier, prompts, max_new_tokens, **kwargs)
+        if kwargs.get("assistant_model") is not None:
+            outputs = [torch.cat([o[:, :-1], (o[:, -1:] + 1) % 50], dim=1) for o in outputs]
+        return outputs, seconds
+
+    monkeypatch.setattr(bench, "_run", wrong)
+
+
+def test_demo_says_no_when_the_output_differs(assisted_output_changed, capsys):
+    assert main(["demo", "--max-new-tokens", "8", "--repeats", "1"]) == 1
+    assert "identical to the verifier alone: NO" in capsys.readouterr().out
+
+
+def test_bench_says_no_when_the_output_differs(assisted_output_changed, tmp_path, capsys):
+    args = ["bench", "--families", "eagle3", "--k", "2", "--num-prompts", "2", "--max-new-tokens", "6",
+            "--no-prompt-lookup", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "| eagle3 | 2 |" in captured.out and "| NO |" in captured.out
+    assert "NOT identical to the verifier alone: eagle3 (k=2)" in captured.err
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["exact"] for r in rows] == [True, False]
 
 
 def test_inspect(tmp_path, capsys):
