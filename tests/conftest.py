@@ -307,45 +307,72 @@ def verifier_features(verifier, input_ids: torch.Tensor, layer_ids: list[int]) -
         return verifier_hidden_states(verifier, input_ids, layer_ids)
 
 
-def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):
-    """What `draft` proposes after `input_ids` computed from scratch (new state, full-prefix features)."""
-    from speculators_hf.generation import TokenPicker
+def propose_with(draft, input_ids: torch.Tensor, states: list[torch.Tensor], num_tokens: int, sampler=None):
+    """What `draft` proposes after `input_ids` [1, n] from a new state, given the verifier hidden states `states`
+    at positions 0..n-2 (one [1, n-1, H] tensor per layer id): the prefix is fed, then a chain of `num_tokens`
+    is drawn (greedy unless `sampler` says otherwise). Returns (tokens [1, k], k scores [1, V])."""
+    from speculators_hf.generation import Sampler
+    from speculators_hf.generation.session import feed_and_draft
 
-    features = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
+    features = [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in states]  # the state BEFORE each token
+    sampler = sampler or Sampler(do_sample=False)
+    sampler.begin_round([0], [input_ids[0]])
     with torch.no_grad():
-        return draft.propose(
-            draft.new_draft_state(), input_ids, features, 0, num_tokens, TokenPicker(None, do_sample=False)
+        tokens, scores = feed_and_draft(
+            draft, draft.new_tree_state(1, input_ids.device), input_ids, 0, features, num_tokens, sampler
         )
+    return tokens, list(scores.unbind(dim=1))
+
+
+def draft_from_scratch(draft, verifier, input_ids: torch.Tensor, num_tokens: int, sampler=None):
+    """`propose_with` fed the verifier's hidden states from a plain forward (no hooks)."""
+    states = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
+    return propose_with(draft, input_ids, states, num_tokens, sampler)
+
+
+def fresh_proposals(draft, verifier, input_ids: torch.Tensor, num_tokens: int):
+    """Greedy proposals from scratch (see `draft_from_scratch`)."""
+    return draft_from_scratch(draft, verifier, input_ids, num_tokens)
 
 
 class Replay:
-    """A picker that feeds recorded tokens (a [k] or [1, k] tensor) as the draft's choices and keeps the
+    """A sampler that picks recorded tokens (a [k] or [1, k] tensor) as the draft's choices and keeps the
     scores the draft computes now, so a proposal can be recomputed along a known path."""
 
-    def __init__(self, tokens: torch.Tensor):
-        self.tokens = list(tokens.reshape(-1))
+    def __new__(cls, tokens: torch.Tensor):
+        from speculators_hf.generation import Sampler
 
-    def __call__(self, input_ids, logits):
-        return self.tokens.pop(0)[None], logits.float()
+        class _Replay(Sampler):
+            def __init__(self, recorded):
+                super().__init__(do_sample=False)
+                self.recorded = list(recorded.reshape(-1))
+
+            def pick(self, logits, path=None):
+                return self.recorded.pop(0)[None].to(logits.device), self.scores(logits, path)
+
+        return _Replay(tokens)
 
 
 def assert_rounds_match_recomputation(
     verifier, draft, n_prompts: int = 4, max_new_tokens: int = 24, min_accepted: int = 10, min_rounds: int = 10
 ) -> None:
-    """Every round's proposals (kept state, only the newly verified features) equal drafting from scratch
-    on the full prefix. The verifier is flattened and sampled from, so many draft tokens are accepted
-    and rounds with 0..k accepted tokens all occur."""
+    """Every round's proposals in transformers' loop (kept state, only the newly verified tokens and features
+    fed) equal drafting from scratch on the full prefix. The verifier is flattened and sampled from, so many
+    draft tokens are accepted and rounds with 0..k accepted tokens all occur."""
+    from speculators_hf.generation.session import DraftSession
+
     with torch.no_grad():
         for p in verifier.parameters():
             p.mul_(0.6)
-    rounds, original = [], draft.propose
+    rounds, original = [], DraftSession.step
 
-    def recording(state, input_ids, features, start, num_tokens, pick):
-        tokens, scores = original(state, input_ids, features, start, num_tokens, pick)
-        rounds.append((input_ids.clone(), tokens.clone(), [s.clone() for s in scores]))
+    def recording(session, input_ids, num_tokens, sampler):
+        tokens, scores = original(session, input_ids, num_tokens, sampler)
+        if session.fed:  # not the placeholder before the verifier's prefill
+            rounds.append((input_ids.clone(), tokens.clone(), [s.clone() for s in scores]))
         return tokens, scores
 
-    draft.propose = recording
+    DraftSession.step = recording
     accepted = 0
     try:
         for seed, prompt in enumerate(make_prompts(n_prompts, seed=11)):
@@ -355,14 +382,10 @@ def assert_rounds_match_recomputation(
             )
             accepted += draft.generation_stats.accepted_tokens
     finally:
-        draft.propose = original
+        DraftSession.step = original
     assert accepted >= min_accepted and len(rounds) >= min_rounds, (accepted, len(rounds))
     for input_ids, tokens, scores in rounds:
-        features = verifier_features(verifier, input_ids[:, :-1], draft.verifier_layer_ids())
-        with torch.no_grad():
-            ref_tokens, ref_scores = draft.propose(
-                draft.new_draft_state(), input_ids, features, 0, tokens.shape[1], Replay(tokens)
-            )
+        ref_tokens, ref_scores = draft_from_scratch(draft, verifier, input_ids, tokens.shape[1], Replay(tokens))
         assert torch.equal(tokens, ref_tokens)
         for a, b in zip(scores, ref_scores):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

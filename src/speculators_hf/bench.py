@@ -56,24 +56,31 @@ class BenchResult:
 
 
 class _DraftTimer:
-    """Wall time spent inside a draft's `propose` (the draft's share of a round)."""
+    """Wall time spent inside a draft's forward passes (`tree_extend` and `tree_expand`: the draft's share of
+    a round, in transformers' loop and the package's own alike)."""
+
+    METHODS = ("tree_extend", "tree_expand")
 
     def __init__(self, draft: Any):
-        self.draft, self.seconds, self.original = draft, 0.0, draft.propose
+        self.draft, self.seconds = draft, 0.0
 
     def __enter__(self) -> _DraftTimer:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return self.original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+        for name in self.METHODS:
+            original = getattr(self.draft, name)
 
-        self.draft.propose = timed
+            def timed(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(self.draft, name, timed)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        del self.draft.propose  # back to the class method
+        for name in self.METHODS:
+            delattr(self.draft, name)  # back to the class methods
 
 
 def _sync(device: torch.device) -> None:

@@ -115,26 +115,30 @@ def test_bench_batched_rows_are_exact_per_row():
 
 
 def test_bench_repeats_take_turns_and_report_the_median_run(monkeypatch):
-    """Every prompt is run by every method in turn (transformers' loop calls the draft's `propose`, the own
-    loop its `tree_extend`), so a slow spell of the machine falls on all methods alike."""
+    """Every prompt is run by every method in turn (transformers' loop calls the draft's `generate`, the own
+    loop `speculators_hf.generate`), so a slow spell of the machine falls on all methods alike."""
+    import speculators_hf.generation.loop as loop
+
     verifier = make_verifier(num_hidden_layers=3)
     draft = sh.Eagle3Speculator.from_verifier(verifier)
     prompts = make_prompts(2)
     calls: list[str] = []
-    for name in ("propose", "tree_extend"):
-        original = getattr(sh.Eagle3Speculator, name)
 
-        def recording(self, *args, _original=original, _name=name, **kwargs):
-            if not calls or calls[-1] != _name:
-                calls.append(_name)
-            return _original(self, *args, **kwargs)
+    def recorder(name, original):
+        def recording(*args, **kwargs):
+            if not calls or calls[-1] != name:
+                calls.append(name)
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(sh.Eagle3Speculator, name, recording)
+        return recording
+
+    monkeypatch.setattr(sh.Eagle3Speculator, "generate", recorder("assisted", sh.Eagle3Speculator.generate))
+    monkeypatch.setattr(loop, "generate", recorder("own loop", loop.generate))
     results = run_bench(
         verifier, prompts, {"eagle3": draft}, [2], max_new_tokens=6, prompt_lookup=False, trees=["dynamic:3:2:4:1"],
         repeats=3,
     )  # fmt: skip
-    assert calls == ["propose", "tree_extend"] * len(prompts) * 3
+    assert calls == ["assisted", "own loop"] * len(prompts) * 3
     assert [r.method for r in results] == ["verifier alone", "eagle3", "eagle3 (tree dynamic:3:2:4:1)"]
     for r in results:
         runs = r.extra["seconds_of_each_run"]

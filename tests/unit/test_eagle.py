@@ -17,6 +17,7 @@ from conftest import (
     fresh_proposals,
     make_prompts,
     make_verifier,
+    propose_with,
     rewrite_weights,
     run_without_package,
     verifier_features,
@@ -24,7 +25,7 @@ from conftest import (
 from safetensors import safe_open
 
 from speculators_hf.config import SpeculatorConfig, SpeculatorConfigError
-from speculators_hf.generation import TokenPicker, VerifierBindingError, expand_draft_vocab
+from speculators_hf.generation import VerifierBindingError, expand_draft_vocab
 from speculators_hf.models.base import SpeculatorLoadError
 from speculators_hf.models.eagle import EagleSpeculator, EagleSpeculatorConfig
 
@@ -120,9 +121,7 @@ def test_steps_by_hand(fc_bias):
     # step 2 reads x_6 (the drafted token) beside the draft's own output at position 4
     input_ids = torch.cat([torch.tensor([7]), tokens])[None]
     with torch.no_grad():
-        drafted, scores = draft.propose(
-            draft.new_draft_state(), input_ids, [features[None]], 0, 2, TokenPicker(None, False)
-        )
+        drafted, scores = propose_with(draft, input_ids, [features[None]], 2)
     torch.testing.assert_close(scores[0][0], want_logits[-1], rtol=1e-5, atol=1e-5)
     assert drafted[0, 0].item() == want_logits[-1].argmax().item()
     _, second = draft_by_hand(
@@ -172,9 +171,7 @@ def test_unrolled_training_steps_match_generation():
     for t in (0, 4, 7):
         prefix = ids[:, : t + 2]  # positions 0..t verified, x_{t+1} is the newest token
         with torch.no_grad():
-            _, scores = draft.propose(
-                draft.new_draft_state(), prefix, [features[:, : t + 1]], 0, 3, Replay(ids[0, t + 2 : t + 5])
-            )
+            _, scores = propose_with(draft, prefix, [features[:, : t + 1]], 3, Replay(ids[0, t + 2 : t + 5]))
             for j in range(3):
                 expected = expand_draft_vocab(draft.logits(unrolled[j][:, t]), None, V)
                 torch.testing.assert_close(scores[j], expected, rtol=1e-4, atol=1e-4)

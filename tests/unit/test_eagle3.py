@@ -137,7 +137,7 @@ def test_trust_remote_code_with_package_installed(tmp_path):
 def test_unrolled_training_steps_match_generation():
     """Step j of the training-time-test unroll at row t equals draft step j at generation time after
     the prefix x_0..x_{t+1} when the draft is fed the true tokens: training and inference share the math."""
-    from conftest import Replay, verifier_features
+    from conftest import Replay, propose_with, verifier_features
 
     verifier = make_verifier()
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
@@ -150,9 +150,7 @@ def test_unrolled_training_steps_match_generation():
     for t in (0, 4, 7):
         prefix = ids[:, : t + 2]  # positions 0..t verified, x_{t+1} is the newest token
         with torch.no_grad():
-            _, scores = draft.propose(
-                draft.new_draft_state(), prefix, [f[:, : t + 1] for f in features], 0, 3, Replay(ids[0, t + 2 : t + 5])
-            )
+            _, scores = propose_with(draft, prefix, [f[:, : t + 1] for f in features], 3, Replay(ids[0, t + 2 : t + 5]))
         for j in range(3):
             expected = sh.generation.expand_draft_vocab(unrolled[j][:, t], draft.d2t, 96)
             torch.testing.assert_close(scores[j], expected, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from conftest import (
     fresh_proposals,
     make_prompts,
     make_verifier,
+    propose_with,
     rewrite_weights,
     run_without_package,
     verifier_features,
@@ -23,7 +24,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from speculators_hf.config import SpeculatorConfig, SpeculatorConfigError
-from speculators_hf.generation import TokenPicker, VerifierBindingError
+from speculators_hf.generation import VerifierBindingError
 from speculators_hf.models.base import SpeculatorLoadError
 from speculators_hf.models.medusa import MedusaSpeculator, MedusaSpeculatorConfig
 
@@ -100,7 +101,7 @@ def test_heads_by_hand():
 
     input_ids = torch.tensor([[5, 17, 40, 63, 9]])
     with torch.no_grad():
-        tokens, scores = draft.propose(draft.new_draft_state(), input_ids, [features], 0, 3, TokenPicker(None, False))
+        tokens, scores = propose_with(draft, input_ids, [features], 3)
         for i in range(3):
             torch.testing.assert_close(scores[i], head(i), rtol=1e-5, atol=1e-5)
     assert tokens.tolist() == [[head(i).argmax().item() for i in range(3)]]
@@ -119,9 +120,7 @@ def test_forward_matches_drafting():
     assert heads.shape == (3, 1, 12, VOCAB)
     for t in (0, 4, 7):
         with torch.no_grad():
-            _, scores = draft.propose(
-                draft.new_draft_state(), ids[:, : t + 2], [features[:, : t + 1]], 0, 3, Replay(ids[0, t + 2 : t + 5])
-            )
+            _, scores = propose_with(draft, ids[:, : t + 2], [features[:, : t + 1]], 3, Replay(ids[0, t + 2 : t + 5]))
         for i in range(3):
             torch.testing.assert_close(scores[i], heads[i, :, t], rtol=1e-5, atol=1e-5)
 

@@ -20,6 +20,7 @@ from conftest import (
     fresh_proposals,
     make_prompts,
     make_verifier,
+    propose_with,
     rewrite_weights,
     run_without_package,
     verifier_features,
@@ -27,7 +28,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from speculators_hf.config import SpeculatorConfig, SpeculatorConfigError
-from speculators_hf.generation import TokenPicker, VerifierBindingError
+from speculators_hf.generation import VerifierBindingError
 from speculators_hf.models.base import SpeculatorLoadError
 from speculators_hf.models.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig, MLPSpeculatorNorm
 
@@ -177,7 +178,7 @@ def test_first_two_steps_by_hand(tie_weights, scale_input):
         token = logits[-1].argmax(-1)[0]
 
     with torch.no_grad():
-        tokens, scores = draft.propose(draft.new_draft_state(), input_ids, [features], 0, 2, TokenPicker(None, False))
+        tokens, scores = propose_with(draft, input_ids, [features], 2)
     assert tokens.tolist() == [[logits[0].argmax().item(), logits[1].argmax().item()]]
     for got, want in zip(scores, logits):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -196,9 +197,7 @@ def test_teacher_forced_forward_matches_drafting():
     assert heads.shape == (3, 1, 12, VOCAB)
     for t in (0, 4, 7):
         with torch.no_grad():
-            _, scores = draft.propose(
-                draft.new_draft_state(), ids[:, : t + 2], [features[:, : t + 1]], 0, 3, Replay(ids[0, t + 2 : t + 5])
-            )
+            _, scores = propose_with(draft, ids[:, : t + 2], [features[:, : t + 1]], 3, Replay(ids[0, t + 2 : t + 5]))
         for i in range(3):
             torch.testing.assert_close(scores[i], heads[i, :, t], rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 
 import speculators_hf as sh
 from speculators_hf.config import SpeculatorConfig
-from speculators_hf.generation import TokenPicker, VerifierBindingError, expand_draft_vocab
+from speculators_hf.generation import Sampler, VerifierBindingError, expand_draft_vocab
+from speculators_hf.generation.kvcache import DraftTreeState, gather_rows, last_valid
 from speculators_hf.models import FAMILIES
 
 
@@ -56,14 +57,16 @@ class SpeculatorTestModel(sh.SpeculatorModel):
     def verifier_layer_ids(self):
         return [self.config.verifier["num_hidden_layers"]]
 
-    def new_draft_state(self):
-        return {}
+    def new_tree_state(self, batch_size, device=None):
+        return DraftTreeState()  # no cache
 
-    def propose(self, state, input_ids, features, start, num_tokens, pick):
-        state["last"] = features[0][:, -1:] if features[0].shape[1] else state["last"]
-        logits = self(input_ids[:, -1:], state["last"])[:, -1]
-        token, score = pick(input_ids, expand_draft_vocab(logits, None, self.config.vocab_size))
-        return token[:, None], [score]
+    def max_tree_depth(self):
+        return 1  # one token ahead
+
+    def tree_extend(self, state, tokens, positions, valid, features):
+        last = last_valid(valid)
+        logits = self(gather_rows(tokens, last)[:, None], gather_rows(features[0], last)[:, None])[:, -1]
+        return expand_draft_vocab(logits, None, self.config.vocab_size), logits.new_zeros(logits.shape[0], 0)
 
     @classmethod
     def config_from_verifier(cls, verifier_config, **overrides):
@@ -252,9 +255,10 @@ def test_draft_is_not_a_text_generator():
         draft.generate(torch.tensor([[5, 6]]))
 
 
-def test_picker_applies_processors_and_samples_from_scores():
-    picker = TokenPicker([lambda ids, s: s / 0.5], do_sample=False)
-    token, scores = picker(torch.tensor([[1]]), torch.tensor([[0.0, 2.0, 1.0]]))
+def test_sampler_applies_processors_and_picks_from_scores():
+    sampler = Sampler(do_sample=False, row_processors=[[lambda ids, s: s / 0.5]])
+    sampler.begin_round([0], [torch.tensor([1])])
+    token, scores = sampler.pick(torch.tensor([[0.0, 2.0, 1.0]]))
     assert token.item() == 1 and torch.equal(scores, torch.tensor([[0.0, 4.0, 2.0]]))
 
 

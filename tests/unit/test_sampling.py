@@ -1,4 +1,4 @@
-"""Token selection: `TokenPicker` (transformers' assisted path) and `Sampler` (the package's own loop).
+"""Token selection: the `Sampler` that picks every token, in transformers' assisted loop and the package's own.
 
 What they promise: the token is the argmax (greedy) or a draw from softmax (sampling) of the scores AFTER the
 logits processors, the scores returned are the distribution the token was drawn from, and every processor
@@ -11,8 +11,7 @@ import torch
 from conftest import chi_square
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
 
-from speculators_hf.generation.acceptance import Sampler
-from speculators_hf.generation.sampling import TokenPicker, choose
+from speculators_hf.generation.sampling import Sampler, choose
 from speculators_hf.generation.tree import DraftTree
 
 
@@ -37,21 +36,27 @@ class BanToken:
         return scores
 
 
-def test_token_picker_greedy_takes_the_argmax_after_the_processors():
+def picked(processors, do_sample, ids, logits):
+    sampler = Sampler(do_sample, row_processors=[processors])
+    sampler.begin_round([0], None if ids is None else [ids[0]])
+    return sampler.pick(logits)
+
+
+def test_greedy_takes_the_argmax_after_the_processors():
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
-    token, scores = TokenPicker([BanToken(1)], do_sample=False)(torch.tensor([[5, 6]]), logits)
+    token, scores = picked([BanToken(1)], False, torch.tensor([[5, 6]]), logits)
     assert token.item() == 2 and scores[0, 1] == -float("inf")
-    token, _ = TokenPicker(None, do_sample=False)(None, logits)
+    token, _ = picked([], False, None, logits)
     assert token.item() == 1
 
 
-def test_token_picker_draws_from_the_scores_it_returns():
+def test_sampling_draws_from_the_scores_it_returns():
     """20000 draws from one row of 6 tokens at temperature 0.5 with top-k 4: chi-square against softmax of the
-    returned scores; a picker that draws at T=1 while returning T=0.5 scores fails the same test."""
+    returned scores; a rule that draws at T=1 while returning T=0.5 scores fails the same test."""
     torch.manual_seed(0)
     logits = torch.randn(1, 6).expand(20000, 6)
-    picker = TokenPicker([TemperatureLogitsWarper(0.5), TopKLogitsWarper(4)], do_sample=True)
-    tokens, scores = picker(None, logits)
+    sampler = Sampler(True, row_processors=[[TemperatureLogitsWarper(0.5), TopKLogitsWarper(4)]])
+    tokens, scores = sampler.pick(logits)
     probs = torch.softmax(scores[0], -1)
     assert (probs > 0).sum() == 4
     stat, crit = chi_square(torch.bincount(tokens, minlength=6), probs)
@@ -61,9 +66,9 @@ def test_token_picker_draws_from_the_scores_it_returns():
     assert stat > crit
 
 
-def test_token_picker_hands_processors_the_sequence():
+def test_processors_see_the_sequence():
     recorder = Recorder()
-    TokenPicker([recorder], do_sample=False)(torch.tensor([[4, 5, 6]]), torch.zeros(1, 8))
+    picked([recorder], False, torch.tensor([[4, 5, 6]]), torch.zeros(1, 8))
     assert recorder.seen == [[[4, 5, 6]]]
 
 

@@ -4,7 +4,7 @@ batch > 1)."""
 
 from .capture import VerifierBindingError, VerifierTap
 from .loop import SpeculativeOutput, generate
-from .sampling import TokenPicker, expand_draft_vocab
+from .sampling import Sampler, expand_draft_vocab
 from .session import DraftSession
 from .stats import GenerationStats
 from .tree import DraftTree, TreeSpec
@@ -13,8 +13,8 @@ __all__ = [
     "DraftSession",
     "DraftTree",
     "GenerationStats",
+    "Sampler",
     "SpeculativeOutput",
-    "TokenPicker",
     "TreeSpec",
     "VerifierBindingError",
     "VerifierTap",

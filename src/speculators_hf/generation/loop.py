@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from .acceptance import Sampler, accept_greedy, accept_sampling
+from .acceptance import accept_greedy, accept_sampling
 from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
+from .sampling import Sampler
 from .settings import eos_token_ids, prepare_config, row_decodings
 from .stats import GenerationStats
 from .tree import TreeSpec, build_tree

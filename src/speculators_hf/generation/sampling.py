@@ -1,19 +1,23 @@
-"""Token selection for drafts, shared by every family.
+"""Token selection, shared by every family and both loops: one `Sampler` picks every token (the verifier's
+and the draft's), in transformers' assisted loop and in the package's own.
 
-Exactness does not depend on the draft's choices, only on reporting them honestly: transformers'
-speculative sampling accepts draft token x with probability min(1, p(x)/q(x)) where q is the
-distribution the draft returned as its score, and resamples from max(0, p - q) otherwise. So a draft
-token must be drawn from exactly softmax(score) (or be its argmax under greedy decoding).
+Exactness does not depend on the draft's choices, only on reporting them honestly: speculative sampling
+accepts draft token x with probability min(1, p(x)/q(x)) where q is the distribution the draft reports,
+and resamples from max(0, p - q) otherwise. So a draft token must be drawn from exactly softmax(scores)
+of the scores it reports (or be their argmax under greedy decoding): `choose` is that rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
+from .settings import is_position_free
+
+if TYPE_CHECKING:
+    from .tree import DraftTree
 
 
 def expand_draft_vocab(logits: torch.Tensor, d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
@@ -34,37 +38,6 @@ def expand_draft_vocab(logits: torch.Tensor, d2t: torch.Tensor | None, vocab_siz
     return full
 
 
-class TokenPicker:
-    """Applies the verifier's logits processors to a draft's logits and picks the draft token.
-
-    Greedy: argmax of the processed scores. Sampling: a draw from softmax(processed scores), which is
-    the q that the verifier's acceptance test uses.
-    """
-
-    def __init__(
-        self,
-        logits_processor: Iterable[LogitsProcessor] | None,
-        do_sample: bool,
-        generator: torch.Generator | None = None,
-    ):
-        # transformers hands the assistant a plain list of processors (a LogitsProcessorList is one too)
-        self.processors = list(logits_processor or [])
-        self.do_sample = do_sample
-        self.generator = generator
-
-    def process(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-        """float32 scores [B, V] after the logits processors."""
-        scores = logits.float()
-        for processor in self.processors:
-            scores = processor(input_ids, scores)  # type: ignore[arg-type]
-        return scores
-
-    def __call__(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`logits` [B, V] over the verifier vocab for the token after `input_ids` -> (token [B], scores [B, V])."""
-        scores = self.process(input_ids, logits)
-        return choose(scores, self.do_sample, self.generator), scores
-
-
 def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """The token a decoding rule picks from processed scores [..., V]: a draw from softmax(scores) when
     sampling (exactly the q the acceptance test is given), else the argmax."""
@@ -74,35 +47,99 @@ def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | N
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
 
 
+class Sampler:
+    """The verifier's decoding rule, applied alike to verifier and draft logits anywhere in a round.
+
+    Each batch row has the logits processors transformers builds for it (`settings.row_decodings`); they
+    run on the token sequence the scored position really has: the row's context (prompt and emitted
+    tokens, up to the round's root) followed by the path from the root to the position inside the tree.
+    Then argmax (greedy) or a draw from the softmax (sampling). When every processor depends on the
+    scores alone (temperature, top-k, top-p, ...), one call covers the whole batch and no sequence is built.
+    """
+
+    def __init__(
+        self,
+        do_sample: bool,
+        generator: torch.Generator | None = None,
+        row_processors: Sequence[Sequence[Any]] | None = None,
+    ):
+        self.do_sample, self.generator = do_sample, generator
+        self.row_processors = [list(p) for p in (row_processors or [[]])]
+        self.has_processors = any(self.row_processors)
+        # rows' lists differ only in processors that read the sequence, so a position-free list is everyone's
+        self.position_free = all(is_position_free(p) for row in self.row_processors for p in row)
+        self.rows: list[int] = list(range(len(self.row_processors)))
+        self.contexts: list[torch.Tensor] | None = None
+
+    def begin_round(self, rows: list[int], contexts: list[torch.Tensor] | None) -> None:
+        """The batch of this round: original row index of each row and, unless `position_free`, each row's
+        context (1D ids up to and including the root)."""
+        if not self.position_free and contexts is None:
+            raise ValueError("these logits processors read the token sequence: give each row's context")
+        self.rows, self.contexts = rows, contexts
+
+    @staticmethod
+    def _process(processors: list[Any], ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(ids, scores)
+        return scores
+
+    def _row_scores(self, i: int, paths: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """Row i's processed scores [K, V] for K positions whose paths after the root are `paths` [K, d]."""
+        assert self.contexts is not None
+        ids = self.contexts[i].to(logits.device)[None].expand(logits.shape[0], -1)
+        if paths is not None and paths.shape[-1]:
+            ids = torch.cat([ids, paths.to(ids.device)], dim=1)
+        return self._process(self.row_processors[self.rows[i]], ids, logits.float())
+
+    def scores(self, logits: torch.Tensor, paths: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 scores after the processors: `logits` [B, V] or [B, K, V], `paths` [B, d] or [B, K, d] the
+        tokens from the root (exclusive) to each scored position (None: the root itself)."""
+        if self.position_free:
+            scores = logits.float()
+            if not self.has_processors:
+                return scores
+            flat = self._process(self.row_processors[0], None, scores.reshape(-1, scores.shape[-1]))
+            return flat.reshape(scores.shape)
+        if logits.dim() == 2:
+            return self.scores(logits[:, None], None if paths is None else paths[:, None])[:, 0]
+        return torch.stack(
+            [self._row_scores(i, None if paths is None else paths[i], logits[i]) for i in range(logits.shape[0])]
+        )
+
+    def block_scores(self, logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Processed scores of a verified block [B, N+1, V] (the root, then the tree's nodes, each scored on the
+        path from the root to it; nodes of different depths have paths of different lengths)."""
+        if self.position_free:
+            return self.scores(logits)
+        anc = tree.block_ancestors[:, :, 1:]  # ancestors-or-self below the root, in root-to-node order
+        depth = anc.sum(dim=2)
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for i in range(logits.shape[0]):
+            for d in range(tree.max_depth + 1):
+                index = (depth[i] == d).nonzero().squeeze(1)
+                if index.numel():
+                    paths = tree.tokens[i][None].expand(index.numel(), -1)[anc[i, index]].view(index.numel(), d)
+                    out[i, index] = self._row_scores(i, paths, logits[i, index])
+        return out
+
+    # the rule as the tree and the acceptance test use it
+    def warp(self, logits: torch.Tensor, paths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scores(logits, paths)
+
+    def pick(self, logits: torch.Tensor, path: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, V] (and the path [B, d] to the position) -> (token [B], the processed scores [B, V] it was picked
+        from: their argmax, or a draw from their softmax when sampling)."""
+        scores = self.scores(logits, path)
+        return choose(scores, self.do_sample, self.generator), scores
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator).item())
+
+
 def point_mass(token: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Scores whose softmax is all mass on `token` ([B] -> [B, V]): used for a placeholder proposal, which
     keeps greedy and sampled outputs exact (it is accepted with probability p(token))."""
     scores = torch.full((token.shape[0], vocab_size), float("-inf"), device=token.device)
     scores.scatter_(1, token[:, None], 0.0)
     return scores
-
-
-def draft_chain(
-    input_ids: torch.Tensor,
-    num_tokens: int,
-    pick: TokenPicker,
-    next_logits: Callable[[torch.Tensor | None], torch.Tensor],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Draft `num_tokens` tokens one after another after `input_ids` [1, n].
-
-    `next_logits(previous_token)` returns the [1, V] verifier-vocabulary logits of the next draft token,
-    given the token drafted just before (None for the first). Returns (tokens [1, k], k scores)."""
-    sequence, scores, token = input_ids, [], None
-    for _ in range(num_tokens):
-        token, score = pick(sequence, next_logits(token))
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
-        scores.append(score)
-    return sequence[:, input_ids.shape[1] :], scores
-
-
-def truncate_cache(cache: Any, length: int) -> None:
-    """Drop everything a transformers `Cache` holds beyond `length` positions (what the draft computed
-    from its own guesses in the previous round)."""
-    stale = cache.get_seq_length() - length
-    if stale > 0:
-        cache.crop(-stale)

@@ -1,14 +1,16 @@
-"""One generation with a draft: the object transformers threads through its assisted loop as the
-draft's `cache`.
+"""One generation with a draft inside transformers' assisted loop: the object transformers threads through
+its rounds as the draft's `cache`.
 
-transformers calls `draft.generate(input_ids, cache=<what we returned last time>, ...)` once per
-round. The session works out which positions the verifier has checked since the last round (the
-prefix of `input_ids` minus the newest token), hands the draft the verifier's hidden states for
-exactly those positions, and lets the draft family drop whatever it had drafted beyond them. A round
-therefore costs O(k) draft work, whatever the sequence length.
+transformers calls `draft.generate(input_ids, cache=<what we returned last time>, ...)` once per round.
+The session drafts with the same contract and the same code as the package's own loop: the tokens that
+became final since the last round are fed to the draft with the verifier's hidden states before each of
+them (`tree_extend`, which extends the draft's `MaskedCache`), then a chain of k tokens is drawn after the
+newest one (`tree.build_tree` with a chain, a width-1 tree) by the `Sampler` holding transformers' logits
+processors, and the drafted entries are dropped from the draft's cache again (they were computed from the
+draft's own guesses). A round therefore costs O(k) draft work, whatever the sequence length.
 
-The assisted loop also calls `get_seq_length()` and `crop()` on it, with a target suited to
-independent LMs; the session ignores those crops and resynchronises from `input_ids` itself.
+The assisted loop also calls `get_seq_length()` and `crop()` on it, with a target suited to independent
+LMs; the session ignores those crops and resynchronises from `input_ids` itself.
 """
 
 from __future__ import annotations
@@ -17,11 +19,36 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .sampling import TokenPicker, point_mass
+from .sampling import Sampler, point_mass
 from .stats import GenerationStats
+from .tree import TreeSpec, build_tree
 
 if TYPE_CHECKING:
     from .capture import VerifierTap
+
+
+def feed_and_draft(
+    draft: Any,
+    state: Any,
+    tokens: torch.Tensor,
+    start: int,
+    features: list[torch.Tensor],
+    num_tokens: int,
+    sampler: Sampler,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed one sequence's tokens at positions start, start+1, ... (`tokens` [1, A]; `features`: the verifier's
+    hidden states at the positions before them, start - 1 first, one [1, A, H] tensor per layer id), then draft a
+    chain of `num_tokens` after the last of them and drop the drafted entries from `state` again.
+    Returns (tokens [1, k], the processed scores [1, k, V] each was picked from); k may be below `num_tokens`
+    for drafts that cannot predict that far (`max_tree_depth`)."""
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    root_logits, root_handle = draft.tree_extend(state, tokens, positions, valid, features)
+    chain = build_tree(draft, state, TreeSpec.chain(num_tokens), sampler, root_logits, root_handle, positions[:, -1])
+    if state.cache is not None:
+        state.cache.truncate()
+    assert chain.scores is not None
+    return chain.tokens, chain.scores
 
 
 class DraftSession:
@@ -30,8 +57,8 @@ class DraftSession:
     def __init__(self, draft: Any, tap: VerifierTap):
         self.draft = draft
         self.tap = tap
-        self.state = draft.new_draft_state()
-        self.verified = 0  # positions whose verifier features the draft has consumed
+        self.state = draft.new_tree_state(1, draft.device)
+        self.fed = 0  # tokens of the sequence fed to the draft so far (positions 0 .. fed-1)
         self.prompt_length: int | None = None
         self.tokens: torch.Tensor | None = None  # the sequence we last returned, to check continuity
         self.stats = GenerationStats()
@@ -40,22 +67,20 @@ class DraftSession:
 
     # -- the part of transformers' Cache protocol that the assisted loop uses ------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.verified
+        return max(self.fed - 1, 0)
 
     def crop(self, max_length: int) -> None:
         """Ignored: the session drops rejected draft positions itself at the next round."""
 
     # -- one round ---------------------------------------------------------------------------------
     def step(
-        self, input_ids: torch.LongTensor, num_tokens: int, pick: TokenPicker
+        self, input_ids: torch.LongTensor, num_tokens: int, sampler: Sampler
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Draft `num_tokens` tokens after `input_ids` ([1, n]); returns (tokens [1, k], k scores [1, V])."""
         n = input_ids.shape[1]
         if self.prompt_length is None:
             self.prompt_length = n
-        elif self.tokens is not None and not torch.equal(
-            input_ids[:, : self.verified], self.tokens[:, : self.verified]
-        ):
+        elif self.tokens is not None and not torch.equal(input_ids[:, : self.fed], self.tokens[:, : self.fed]):
             raise RuntimeError(
                 "the draft session was handed a sequence that does not continue the previous round; "
                 "start a new generate() call instead of reusing the draft's cache"
@@ -64,15 +89,26 @@ class DraftSession:
         self.stats.verifier_forwards = self.tap.forwards
         self.stats.emitted_tokens = n - self.prompt_length
 
-        features = self.tap.features(self.verified, n - 1) if self.draft.verifier_layer_ids() else []
-        if features is None:
-            # Called before the verifier's prefill (transformers drafts first): no hidden states exist
-            # yet. One placeholder token with a point-mass score keeps greedy and sampling exact.
-            token = input_ids[:, -1]
-            tokens, scores = token[:, None], [point_mass(token, self.draft.config.vocab_size)]
+        device = self.draft.device
+        if self.draft.verifier_layer_ids():
+            # the states before each new token: positions fed-1 .. n-2 (none before position 0)
+            states = self.tap.features(max(self.fed - 1, 0), n - 1)
+            if states is None:
+                # Called before the verifier's prefill (transformers drafts first): no hidden states exist
+                # yet. One placeholder token with a point-mass score keeps greedy and sampling exact.
+                token = input_ids[:, -1]
+                self.stats.drafted_tokens += 1
+                self.tokens = torch.cat([input_ids, token[:, None]], dim=1)
+                return token[:, None], [point_mass(token, self.draft.config.vocab_size)]
+            pad = 1 if self.fed == 0 else 0
+            features = [torch.nn.functional.pad(f, (0, 0, pad, 0)).to(device) for f in states]
         else:
-            tokens, scores = self.draft.propose(self.state, input_ids, features, self.verified, num_tokens, pick)
-            self.verified = n - 1
+            features = []
+        sampler.begin_round([0], [input_ids[0]])
+        tokens, scores = feed_and_draft(
+            self.draft, self.state, input_ids[:, self.fed :].to(device), self.fed, features, num_tokens, sampler
+        )
+        self.fed = n
         self.stats.drafted_tokens += tokens.shape[1]
-        self.tokens = torch.cat([input_ids, tokens], dim=1)
-        return tokens, scores
+        self.tokens = torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
+        return tokens.to(input_ids.device), list(scores.unbind(dim=1))

@@ -126,13 +126,15 @@ class DraftTree:
     """The tree drafted in one round, per batch row. Node i has token `tokens[:, i]`, depth `depths[:, i]`
     (1 = a child of the root) and parent `parents[:, i]` (-1 = the root, else a smaller node index).
     `q` [B, N, V]: for nodes drawn from a draft distribution (sampled chains), that distribution; None
-    when every node was chosen deterministically."""
+    when every node was chosen deterministically. `scores` [B, N, V] (chains): the processed scores each
+    node was picked from (what transformers' assisted loop is handed as the draft's scores)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     max_depth: int
     q: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -211,25 +213,27 @@ def build_tree(
 
 def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -> DraftTree:
     tokens: list[torch.Tensor] = []
-    dists, parents = [], None
+    scores: list[torch.Tensor] = []
+    parents = None
     for depth in range(1, spec.depth + 1):
         path = torch.stack(tokens, dim=1) if tokens else None  # the tokens between the root and this position
-        token, dist = sampler.pick(logits, path)
+        token, token_scores = sampler.pick(logits, path)
         tokens.append(token)
-        dists.append(dist)
+        scores.append(token_scores)
         if depth < spec.depth:
             step_logits, parents = fed.expand(token[:, None], depth, parents)
             logits = step_logits[:, 0]
     batch, n = tokens[0].shape[0], len(tokens)
     device = tokens[0].device
     node = torch.arange(n, device=device)
-    q = None if dists[0] is None else torch.stack(dists, dim=1)  # type: ignore[arg-type]
+    chain_scores = torch.stack(scores, dim=1)
     return DraftTree(
         tokens=torch.stack(tokens, dim=1),
         parents=(node - 1).expand(batch, n),
         depths=(node + 1).expand(batch, n),
         max_depth=n,
-        q=q,
+        q=torch.softmax(chain_scores, dim=-1) if sampler.do_sample else None,  # drawn from these: accept p/q
+        scores=chain_scores,
     )
 
 

@@ -12,8 +12,10 @@
   config implies but the file lacks (checked before anything is allocated), wrong dtypes and NaN/inf
   values are errors. The file handling lives in `checkpoint.py`.
 
-A family subclass defines: `verifier_layer_ids`, `new_draft_state`, `propose`, `config_from_verifier`
-and optionally `init_from_verifier` / `on_bind`.
+A family subclass defines the drafting contract — `verifier_layer_ids`, `tree_extend`, `tree_expand` and,
+where needed, `new_tree_state` / `max_tree_depth` — and `config_from_verifier`, optionally
+`init_from_verifier` / `on_bind`. The one contract serves both loops: transformers' assisted loop drafts a
+chain (a width-1 tree, `generation/session.py`) with the same code as the package's own loop drafts trees.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
 from ..generation.kvcache import OUTPUT_CACHE_FIELD, DraftTreeState, MaskedCache
-from ..generation.sampling import TokenPicker
+from ..generation.sampling import Sampler
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
 from ..remote_code import write_remote_code
@@ -92,28 +94,6 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         num_layers = post-norm last hidden state). Empty for drafts that only read tokens."""
         raise NotImplementedError
 
-    def new_draft_state(self) -> Any:
-        """Fresh per-generation state: by default a KV cache for the draft's own attention."""
-        return DynamicCache()
-
-    def propose(
-        self,
-        state: Any,
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Draft `num_tokens` tokens after `input_ids` [1, n].
-
-        `features` holds the verifier hidden states (one tensor per id of `verifier_layer_ids`, ascending)
-        for positions `start .. n-2`, the ones verified since the last call; anything the draft computed
-        at positions >= `start` in an earlier round came from its own guesses and must be recomputed.
-        Returns (tokens [1, k], k scores [1, V] over the verifier vocabulary, each the distribution the
-        token was drawn from, after `pick`'s logits processors)."""
-        raise NotImplementedError
-
     @classmethod
     def config_from_verifier(cls, verifier_config: Any, **overrides: Any) -> SpeculatorConfig:
         """A config for a new draft sized for `verifier_config`."""
@@ -125,7 +105,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     def on_bind(self, verifier: PreTrainedModel) -> None:
         """Check family-specific compatibility and keep references to verifier parts the draft uses."""
 
-    # -- the package's own loop (generation/loop.py: trees, batch > 1); optional per family ----------
+    # -- drafting: one contract for both loops (a chain is a width-1 tree) ----------------------------
     def new_tree_state(self, batch_size: int, device: torch.device | str | None = None) -> DraftTreeState:
         """Fresh per-generation state of the tree loop: by default a `MaskedCache` for the draft's attention."""
         return DraftTreeState(cache=MaskedCache(batch_size, device))
@@ -326,8 +306,8 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             self._last_stats = session.stats
         # transformers passes min(num_assistant_tokens, room left) as max_new_tokens
         k = max(int(max_new_tokens or self.config.speculative_tokens), 1)
-        pick = TokenPicker(logits_processor, bool(generation_config.do_sample))
-        tokens, scores = session.step(input_ids, k, pick)
+        sampler = Sampler(bool(generation_config.do_sample), row_processors=[list(logits_processor or [])])
+        tokens, scores = session.step(input_ids, k, sampler)
         sequences = torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores), **{OUTPUT_CACHE_FIELD: session})  # type: ignore[arg-type]
 

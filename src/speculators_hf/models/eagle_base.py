@@ -2,9 +2,9 @@
 hidden state the step before produced (the verifier's own hidden states for verified positions).
 
 Positions follow EAGLE: the draft's entry t holds token t+1 beside the hidden state of position t and
-predicts token t+2. A family defines three pieces of maths; drafting a chain (`propose`, for transformers'
-assisted generation) and growing a tree (`tree_extend` / `tree_expand`, for `speculators_hf.generate`)
-are written once here.
+predicts token t+2. A family defines three pieces of maths; drafting (`tree_extend` / `tree_expand`, which
+serve the chains of transformers' assisted loop and the trees of `speculators_hf.generate` alike) is
+written once here.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ..generation.kvcache import DraftTreeState, causal_block, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, truncate_cache
 from .base import SpeculatorModel
 
 
@@ -41,34 +39,6 @@ class EagleStyleSpeculator(SpeculatorModel):
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] over the verifier vocabulary of the token predicted from `advance`'s output."""
         raise NotImplementedError
-
-    def propose(
-        self,
-        state: DynamicCache,
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        truncate_cache(state, start)
-        n = input_ids.shape[1]
-        # first step: positions start..n-2 with the verifier's states and the tokens after them;
-        # later steps: one position, fed the draft's own output and the token it just drafted
-        inputs = {
-            "hidden": self.initial_hidden(features),
-            "tokens": input_ids[:, start + 1 : n],
-            "positions": torch.arange(start, n - 1, device=input_ids.device),
-        }
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            if token is not None:
-                inputs.update(tokens=token[:, None], positions=inputs["positions"][-1:] + 1)
-            hidden = self.advance(inputs["tokens"], inputs["hidden"], inputs["positions"], state)
-            inputs["hidden"] = hidden[:, -1:]
-            return self.vocab_logits(hidden[:, -1])
-
-        return draft_chain(input_ids, num_tokens, pick, next_logits)
 
     def tree_extend(
         self,

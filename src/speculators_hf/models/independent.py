@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.kvcache import DraftTreeState, cache_kwargs, causal_block, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab, truncate_cache
+from ..generation.sampling import expand_draft_vocab
 from .base import SpeculatorModel
 
 
@@ -91,25 +91,6 @@ class IndependentSpeculator(SpeculatorModel):
 
     def verifier_layer_ids(self) -> list[int]:
         return []
-
-    def propose(
-        self,
-        state: DynamicCache,
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        truncate_cache(state, start)
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            # first call: every token the LM has not seen yet; then the token it just drafted
-            tokens = input_ids[:, start:] if token is None else token[:, None]
-            logits = self.model(input_ids=tokens, use_cache=True, **cache_kwargs(state)).logits[:, -1]
-            return expand_draft_vocab(logits, None, self.config.vocab_size)
-
-        return draft_chain(input_ids, num_tokens, pick, next_logits)
 
     # -- the tree loop: an ordinary LM fed explicit positions and a 4D mask ---------------------------
     def _tree_forward(self, state: DraftTreeState, tokens: torch.Tensor, positions: torch.Tensor, block: torch.Tensor):

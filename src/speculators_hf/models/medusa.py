@@ -37,7 +37,7 @@ from ..config import (
 )
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
+from ..generation.sampling import expand_draft_vocab
 from .heads_base import HeadsSpeculator
 
 DEFAULT_HEADS = 5  # the published Medusa heads (Vicuna/Zephyr) hold five
@@ -132,27 +132,6 @@ class MedusaSpeculator(HeadsSpeculator):
         return torch.stack([self.head_logits(i, hidden) for i in range(self.config.medusa_num_heads)])
 
     # -- the family contract -----------------------------------------------------------------------
-    def propose(
-        self,
-        state: dict[str, torch.Tensor],
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The newest token x_{n-1} came from the verifier's state at n-2 (the last feature), so head i
-        on that state drafts x_{n+i}. At most `medusa_num_heads` tokens."""
-        hidden, head = self.newest_hidden(state, features), 0
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            nonlocal head
-            logits = self.head_logits(head, hidden)[:, -1]
-            head += 1
-            return expand_draft_vocab(logits, None, self.config.vocab_size)
-
-        return draft_chain(input_ids, min(num_tokens, self.config.medusa_num_heads), pick, next_logits)
-
     # -- the tree loop: no cache; one call per round gives every depth --------------------------------
     def tree_extend(
         self,

@@ -56,7 +56,7 @@ from ..config import (
 )
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
-from ..generation.sampling import TokenPicker, draft_chain, expand_draft_vocab
+from ..generation.sampling import expand_draft_vocab
 from .heads_base import HeadsSpeculator
 
 NORM_EPS = 1e-6  # fms LayerNormParameterized and vLLM MLPSpeculatorLayerNorm default
@@ -220,7 +220,7 @@ class MLPSpeculator(HeadsSpeculator):
         `verifier_hidden_states` [B, T, emb_dim] (or a one-element list) are the verifier's post-norm last
         hidden states at positions 0..T-1 and `input_ids` [B, T'] (T' >= T) the sequence x_0.. itself.
         Head i at row t starts from the state at position t, reads the true tokens x_{t+1}..x_{t+i+1} and
-        predicts x_{t+i+2}: exactly what `propose` computes after the prefix x_0..x_{t+1} when its drafts
+        predicts x_{t+i+2}: exactly what drafting computes after the prefix x_0..x_{t+1} when its drafts
         are right. Tokens past the end of `input_ids` are 0: mask rows t + i + 2 >= T' out of the loss.
         (fms-extras' `speculator(embeds, inds)` is `forward(embeds, input_ids)` with inds = input_ids[:, 1:].)"""
         hidden = verifier_hidden_states[0] if isinstance(verifier_hidden_states, list) else verifier_hidden_states
@@ -234,30 +234,6 @@ class MLPSpeculator(HeadsSpeculator):
         return torch.stack(logits)
 
     # -- the family contract -----------------------------------------------------------------------
-    def propose(
-        self,
-        state: dict[str, torch.Tensor],
-        input_ids: torch.LongTensor,
-        features: list[torch.Tensor],
-        start: int,
-        num_tokens: int,
-        pick: TokenPicker,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The newest token x_{n-1} came from the verifier's state at n-2 (the last feature): stage 0 reads
-        both and predicts x_n, stage i reads stage i-1's state and drafted token. At most n_predict tokens."""
-        hidden = self.input_state(self.newest_hidden(state, features))
-        head = 0
-        device = hidden.device
-
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            nonlocal hidden, head
-            tokens = input_ids[:, -1:] if token is None else token[:, None]
-            hidden, logits = self.step(head, hidden, tokens.to(device))
-            head += 1
-            return expand_draft_vocab(logits[:, -1], None, self.config.vocab_size)
-
-        return draft_chain(input_ids, min(num_tokens, self.config.n_predict), pick, next_logits)
-
     # -- the tree loop: no cache; a node's handle is its state, stage = its depth ---------------------
     def tree_extend(
         self,
