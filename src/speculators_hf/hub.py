@@ -21,7 +21,9 @@ Model cards
     from), `training` (a dict such as {"data": ..., "recipe": ..., "command": ...} or a string), `datasets`
     (Hub dataset ids, for the metadata), `results` (a dict or a list of dicts with `tau` and/or `speedup`,
     the `command` that measured them — required — and optionally `device`, `k`, `dataset`, `dtype`),
-    `tags`, `language`, `notes`, and `repo_id` (used in the snippets). Without a `license`, the license
+    `tags`, `language`, `notes`, and `repo_id` (the Hub id the draft is, or will be, published under: the
+    snippets load it by that id; without it the card says it does not know the id and the snippets read it
+    from a `DRAFT` variable). Without a `license`, the license
     is read from `verifier_card`, else from the verifier's card in the local Hub cache, else (at push
     time) from the verifier's Hub metadata.
 
@@ -38,8 +40,12 @@ save_pretrained writes README.md
 Pushing
     `push_to_hub(draft_or_folder, repo_id, ...)` checks the verifier reference (set, a Hub id rather
     than a local path, and found on the Hub unless `check_verifier=False`), creates the repo (and the
-    branch for `revision` when missing), and uploads every file of the saved checkpoint plus the card in
-    ONE commit (`HfApi.create_commit`), so a failed upload leaves the repo as it was. The command line is
+    branch for `revision` when missing), and uploads the files of the saved checkpoint plus the card in
+    ONE commit (`HfApi.create_commit`), so a failed upload leaves the repo as it was. Only checkpoint files
+    go up (`CHECKPOINT_FILES`: config, weights and their index, remote code, README.md, custom_generate/,
+    tokenizer files, training_summary.json, a license), and only regular files inside the folder: never a
+    dotfile or dot-folder (`.env`, `.git`), a symlink (to a file or a folder), or a special file; every
+    file left out is named in a warning. The command line is
     `speculators-hf push PATH REPO_ID [--private] [--revision R]`. `draft.push_to_hub(repo_id, ...)`
     (the transformers method) goes through the same function: transformers' own version would replace
     README.md with its generic card after `save_pretrained`, so this module installs the draft's
@@ -55,7 +61,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import (
@@ -80,6 +86,7 @@ from huggingface_hub.utils import build_hf_headers, validate_repo_id
 
 from .config import FINGERPRINT_FIELDS
 from .models.base import SpeculatorModel, is_speculator
+from .models.checkpoint import CHECKPOINT_FILES, matches
 
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
 # First line of the body of every generated card: its presence means "generated, may be replaced".
@@ -90,7 +97,10 @@ GENERATED_MARK = (
 _MARK_KEY = "<!-- speculators-hf: generated model card"  # what identifies the mark, whatever its wording
 _INPUTS_PREFIX = "<!-- speculators-hf card inputs: "
 _INPUTS_RE = re.compile(re.escape(_INPUTS_PREFIX) + r"(\{.*?\}) -->", re.DOTALL)
-REPO_PLACEHOLDER = "<draft-repo-id>"
+# A card that does not know where the draft is published (written by save_pretrained or convert before a
+# push, without a `repo_id` card input) says so in words, and its snippets read the draft from this
+# variable (a Python name and a shell variable) instead of showing a fake id that looks ready to copy.
+REPO_PLACEHOLDER = "DRAFT"
 VERIFIER_PLACEHOLDER = "<verifier-id>"
 BASE_TAGS = ("speculative-decoding", "speculators", "speculators-hf")
 CARD_INPUT_KEYS = frozenset(
@@ -431,8 +441,8 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
         details.append((what, f"{layer_config['model_type']}" + (f", {layers} layer(s)" if layers else "")))
     result_columns = [c for c in RESULT_COLUMNS if any(r.get(c) is not None for r in results)]
     commands = list(dict.fromkeys(str(r["command"]) for r in results))
-    # what a later render (push_to_hub with the repo id) needs to say the same thing
-    embedded = {k: v for k, v in {**inputs, **license_info}.items() if k not in ("verifier_card", "repo_id")}
+    # what a later render (push_to_hub, which passes its own repo id) needs to say the same thing
+    embedded = {k: v for k, v in {**inputs, **license_info}.items() if k != "verifier_card"}
 
     context = {
         "card_data": card_data.to_yaml(),
@@ -442,8 +452,12 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
         "family_title": FAMILY_TITLES.get(family, family),
         "algorithm": algorithm,
         "architectures": list(config.get("architectures") or []),
-        "repo_id": repo_id or REPO_PLACEHOLDER,
+        "repo_id": repo_id,
         "repo_known": bool(repo_id),
+        # how the snippets name the draft: its id, or the variable the card tells the reader to set
+        "py_draft": json.dumps(repo_id) if repo_id else REPO_PLACEHOLDER,
+        "sh_draft": repo_id if repo_id else f'"${REPO_PLACEHOLDER}"',
+        "draft_variable": REPO_PLACEHOLDER,
         "verifier_name": verifier_name,
         "verifier_id": verifier_id or (verifier_name if verifier_name else VERIFIER_PLACEHOLDER),
         "verifier_on_hub": verifier_id is not None,
@@ -554,15 +568,52 @@ def check_verifier_reference(
 # -------------------------------------------------------------------------------------------------
 # push
 # -------------------------------------------------------------------------------------------------
-_SKIPPED_DIRS = {".git", ".cache", "__pycache__"}
+def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """The files of `folder` that `push_to_hub` uploads, and what it leaves out ("path (why)").
+
+    Uploaded: regular files whose path matches `CHECKPOINT_FILES` (the files save_pretrained, convert, the
+    trainer and a tokenizer write). Left out: dotfiles and dot-folders (`.env`, `.git`; not entered),
+    symlinks to files or folders (their target may lie anywhere: a link to a token file would upload the
+    token), special files, and every other file or folder."""
+    folder = Path(folder)
+    nested = [PurePosixPath(p).parts for p in CHECKPOINT_FILES if "/" in p]
+    files: list[Path] = []
+    skipped: list[str] = []
+
+    def walk(directory: Path, prefix: tuple[str, ...]) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            rel = "/".join((*prefix, entry.name))
+            shown = ascii(rel)  # quoted and escaped: a trailing space or a zero-width character shows
+            if entry.name.startswith("."):
+                skipped.append(f"{shown} (hidden)")
+            elif entry.is_symlink():
+                skipped.append(f"{shown} (symbolic link)")
+            elif entry.is_dir(follow_symlinks=False):
+                parts = (*prefix, entry.name)
+                if any(len(p) > len(parts) and p[: len(parts)] == parts for p in nested):
+                    walk(Path(entry.path), parts)
+                else:
+                    skipped.append(f"{shown} (not a checkpoint folder)")
+            elif not entry.is_file(follow_symlinks=False):
+                skipped.append(f"{shown} (not a regular file)")
+            elif matches(rel, CHECKPOINT_FILES):
+                files.append(Path(entry.path))
+            else:
+                skipped.append(f"{shown} (not a checkpoint file)")
+
+    walk(folder, ())
+    return files, skipped
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part in _SKIPPED_DIRS for part in p.relative_to(folder).parts)
-    )
+def _regular_file(folder: Path, name: str) -> bool:
+    """True when `folder/name` is a regular file; a symlink there is an error (push reads these files)."""
+    path = folder / name
+    if path.is_symlink():
+        raise ValueError(
+            f"{path} is a symbolic link: push_to_hub reads and uploads only regular files inside the folder. Replace "
+            f'the link by a copy of the file (cp --remove-destination "$(readlink -f {path})" {path}).'
+        )
+    return path.is_file()
 
 
 def _remote_readme(api: HfApi, repo_id: str, revision: str | None) -> str | None:
@@ -603,10 +654,12 @@ def push_to_hub(
     The verifier reference is checked first (see `check_verifier_reference`); `verifier` replaces it in
     the uploaded config.json (the local draft and folder are left unchanged), for drafts made from a
     local copy of their verifier. The repo is created if missing (`private` applies to a new repo), and
-    so is the branch `revision`. Every file of the checkpoint goes up in one `create_commit` together
-    with the model card (generated again with `repo_id` in its snippets and `card_inputs` added), unless
-    a person wrote the folder's README.md or the README.md already in the repo: those are kept.
-    Returns the `CommitInfo`.
+    so is the branch `revision`. The checkpoint's files (`checkpoint_files`: config, weights and index,
+    remote code, README.md, custom_generate/, tokenizer files, training_summary.json, a license; regular
+    files inside the folder only, never a dotfile, symlink or special file; anything else is named in a
+    warning and left out) go up in one `create_commit` together with the model card (generated again with
+    `repo_id` in its snippets and `card_inputs` added), unless a person wrote the folder's README.md or the
+    README.md already in the repo: those are kept. Returns the `CommitInfo`.
     """
     _check_inputs(card_inputs)
     api = HfApi(endpoint=endpoint, token=token)
@@ -616,8 +669,9 @@ def push_to_hub(
         source = f"{type(draft).__name__} (for {repo_id})"
     else:
         source = str(draft_or_path)
-        if not (Path(draft_or_path) / "config.json").is_file():
+        if not _regular_file(Path(draft_or_path), "config.json"):
             raise FileNotFoundError(f"{draft_or_path} holds no config.json: push a folder written by save_pretrained")
+        _regular_file(Path(draft_or_path), "README.md")  # read for the card: never through a link
         config = _config_dict(draft_or_path)
     if not config.get("speculators_model_type"):
         raise ValueError(f"{source}: config.json has no speculators_model_type, so it is not a draft checkpoint")
@@ -664,8 +718,15 @@ def push_to_hub(
             else:
                 overrides["README.md"] = card.encode("utf-8")
 
+        files, skipped = checkpoint_files(folder)
+        if skipped:
+            warnings.warn(
+                f"not uploaded from {folder}: {', '.join(skipped)}. push_to_hub uploads only the files of a checkpoint "
+                "(see speculators_hf.models.checkpoint.CHECKPOINT_FILES), as regular files inside the folder.",
+                stacklevel=2,
+            )
         operations = []
-        for path in _folder_files(folder):
+        for path in files:
             rel = path.relative_to(folder).as_posix()
             if rel == "README.md" and skip_readme:
                 continue

@@ -25,7 +25,9 @@ def perturbed_copy(verifier, noise: float = 0.05) -> sh.IndependentSpeculator:
 
 DRAFTS = {
     "eagle3": lambda v: sh.Eagle3Speculator.from_verifier(v, draft_vocab_size=64),
-    "eagle3-full-vocab": lambda v: sh.Eagle3Speculator.from_verifier(v, norm_before_residual=True),
+    "eagle3-full-vocab": lambda v: sh.Eagle3Speculator.from_verifier(
+        v, draft_vocab_size=v.config.vocab_size, norm_before_residual=True
+    ),
     "eagle": lambda v: sh.EagleSpeculator.from_verifier(v),
     "mlp_speculator": lambda v: sh.MLPSpeculator.from_verifier(v, n_predict=4),
     "medusa": lambda v: sh.MedusaSpeculator.from_verifier(v, medusa_num_heads=4),

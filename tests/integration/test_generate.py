@@ -37,7 +37,9 @@ def perturbed_copy(verifier, noise: float = 0.05) -> sh.IndependentSpeculator:
 
 DRAFTS = {
     "eagle3": lambda v: sh.Eagle3Speculator.from_verifier(v, draft_vocab_size=64),
-    "eagle3-full-vocab": lambda v: sh.Eagle3Speculator.from_verifier(v, norm_before_residual=True),
+    "eagle3-full-vocab": lambda v: sh.Eagle3Speculator.from_verifier(
+        v, draft_vocab_size=v.config.vocab_size, norm_before_residual=True
+    ),
     "independent-perturbed": perturbed_copy,
 }
 

@@ -116,7 +116,8 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     ids = torch.randint(3, 96, (48, 24), generator=torch.Generator().manual_seed(0))
     save_blocks(tmp_path / "data", ids, torch.ones_like(ids, dtype=torch.uint8), {"verifier": "verifier"})
     common = ["-m", "speculators_hf.cli", "train", "--verifier", "verifier", "--data", "data", "--steps", "5"]
-    common += ["--eval-blocks", "0", "--ttt-steps", "2", "--warmup-steps", "1", "--save-every", "2"]  # full vocab
+    common += ["--eval-blocks", "0", "--ttt-steps", "2", "--warmup-steps", "1", "--save-every", "2"]
+    common += ["--draft-vocab-size", "96"]  # the full vocabulary: every target counts in every process's loss
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {
         "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common, "--batch-size", "4"],

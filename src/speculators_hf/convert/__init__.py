@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .core import (
+    HUB_ID,
     ConversionError,
     FormatSpec,
     Source,
@@ -102,6 +103,9 @@ def convert(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    verifier_id: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    repo_id: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert the draft checkpoint `src` (a folder or a Hub id) and write it to the folder `dst`.
@@ -119,12 +123,22 @@ def convert(
       `speculative_tokens`.
     - `revision`: the Hub revision of `src`; `cache_dir`, `token`: for Hub ids of `src` and the verifier
       (HF_HUB_OFFLINE=1 reads the local cache).
+    - `verifier_id`: the verifier's Hub id (org/name) to write as the verifier reference, when `verifier`
+      is a local folder (or the source names one): vLLM loads the verifier from that reference verbatim,
+      and `push` requires a Hub id. Without it, an export naming a local path warns.
+    - `dtype`: "float16", "bfloat16" or "float32" (or a torch dtype): cast the floating-point weights;
+      default: keep the source's dtype.
+    - `repo_id`: the Hub id the result will be published under, filled into the model card's snippets.
     Returns `dst` as a Path.
     """
     say = log or logger.info
     hub_kwargs = {"revision": revision, "cache_dir": str(cache_dir) if cache_dir else None, "token": token}
     if to != "ours" and to not in all_export_targets():
         raise ConversionError(f"cannot export to {to!r}; export targets: ours, {', '.join(all_export_targets())}")
+    for what, value in (("verifier_id", verifier_id), ("repo_id", repo_id)):
+        if value is not None and not HUB_ID.match(value):
+            raise ConversionError(f"{what} {value!r} is not a Hub id: pass it as ORG/NAME")
+    cast = _dtype(dtype)
     source: Source = open_source(src, **hub_kwargs)
     destination = Path(dst).expanduser().resolve()
     check_destination(source.root, destination, overwrite)
@@ -145,6 +159,7 @@ def convert(
         hub_kwargs=hub_kwargs,
     )
     model = module.import_checkpoint(source, spec, ctx)
+    _finish(model, verifier_id, cast, repo_id, say)
     target = exporter_for(to, model.config.speculators_model_type) if to != "ours" else None
     with atomic_output(destination) as tmp:
         model.save_pretrained(tmp)
@@ -153,6 +168,34 @@ def convert(
             _module(target).export_checkpoint(tmp, model, target, ctx)
     say(f"wrote {destination} ({f'{target.title}, for --to {to}' if target is not None else 'speculators_hf format'})")
     return destination
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+
+
+def _finish(
+    model: Any, verifier_id: str | None, dtype: torch.dtype | None, repo_id: str | None, say: Callable[[str], None]
+) -> None:
+    """What the caller asked of the output, whatever the source: the verifier's Hub id, the dtype of the
+    floating-point weights (integer/bool tensors such as d2t/t2d keep theirs), the card's repo id."""
+    if verifier_id is not None:
+        previous = model.config.verifier.get("name_or_path")
+        model.config.verifier["name_or_path"] = verifier_id
+        if previous != verifier_id:
+            say(f"verifier reference: {verifier_id}" + (f" (instead of {previous})" if previous else ""))
+    if dtype is not None and dtype != model.dtype:
+        say(f"weights cast from {model.dtype} to {dtype}")
+        model.to(dtype)
+    if repo_id is not None:
+        model.card_info = {**(getattr(model, "card_info", None) or {}), "repo_id": repo_id}
 
 
 def _check_written(folder: Path, model: Any) -> None:

@@ -1,4 +1,5 @@
-"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators|vllm] [--verifier ID_OR_PATH]`."""
+"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators|vllm] [--verifier ID_OR_PATH]
+[--verifier-id ORG/NAME] [--dtype D] [--repo-id ORG/NAME]`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             revision=args.revision,
             cache_dir=args.cache_dir,
+            verifier_id=args.verifier_id,
+            dtype=args.dtype,
+            repo_id=args.repo_id,
             log=print,
         )
     except ConversionError as err:
@@ -79,6 +83,24 @@ def add_parsers(sub: Any) -> None:
         "--verifier",
         help="verifier Hub id or path: fills the verifier reference, is checked against the draft, and supplies "
         "the input embedding when the source has none (required for research EAGLE-3 and embedding-less EAGLE-1)",
+    )
+    parser.add_argument(
+        "--verifier-id",
+        metavar="ORG/NAME",
+        help="the verifier's Hub id, written as the draft's verifier reference (speculators_config.verifier."
+        "name_or_path) instead of a local --verifier folder: vLLM loads the verifier from that reference verbatim "
+        "(`vllm serve DRAFT`) and `push` needs a Hub id. An export that names a local path warns",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="cast the floating-point weights (default: keep the source's dtype; bf16 halves an fp32 export)",
+    )
+    parser.add_argument(
+        "--repo-id",
+        metavar="ORG/NAME",
+        help="the Hub id the result will be published under: the model card's snippets load the draft by it "
+        "(without it the card says the id is unknown)",
     )
     parser.add_argument(
         "--set",

@@ -6,11 +6,15 @@
 - `evaluate`: the tiny expression language of the specs (`=hidden_size // num_attention_heads`).
 - `Source`: a local folder or a Hub snapshot, read-only. Weights are read from safetensors, or from
   `.bin`/`.pt` pickles with `torch.load(weights_only=True)` only, so a pickle that would run code is
-  refused (the error names the file).
+  refused (the error names the file). Only files inside the folder are read: an index naming an absolute
+  path or `..`, or a link out of the folder, is refused (`models.checkpoint.folder_weight_files`).
 - `VerifierRef`: the verifier named by `--verifier`: its config (never its weights), and on request its
   input embedding alone (one tensor read from its checkpoint files).
-- `atomic_output`: DST is built in a temporary sibling folder and renamed into place, so a failure
-  leaves no DST (and an existing DST untouched).
+- `atomic_output`: DST is built in a temporary sibling folder that replaces it in one atomic step, so a
+  failure (or a kill) leaves no DST (and an existing DST untouched); shared with `save_pretrained`.
+- Sizes: index ranges of repeated tensors are bounded (`config.MAX_DRAFT_HEADS`, `MAX_LAYERS_PER_HEAD`) and
+  `build_model` compares the tensors with the ones the config implies (built on the meta device) before it
+  allocates anything, so a small file claiming a huge model fails at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import operator
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,6 +37,22 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import MAX_DRAFT_HEADS, MAX_LAYERS_PER_HEAD
+from ..models.checkpoint import (
+    TensorInfo,
+    UnsafeCheckpointError,
+    check_inside,
+    dtype_kind,
+    folder_weight_files,
+    meta_model,
+    non_finite_tensors,
+    replacing_folder,
+    save_target,
+    shard_names,
+    tensor_infos,
+    weight_problems,
+)
 
 logger = logging.getLogger("speculators_hf.convert")
 
@@ -423,17 +442,18 @@ DEFAULT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def weight_files(root: Path, preferred: list[str] | None = None) -> list[Path]:
     """The weight files of a checkpoint folder: a sharded index, else the preferred names (default
-    model.safetensors, pytorch_model.bin), else any safetensors, else pickles."""
-    for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
-        if (root / index).is_file():
-            shards = sorted(set(json.loads((root / index).read_text())["weight_map"].values()))
-            return [root / s for s in shards]
-    for name in preferred or DEFAULT_WEIGHT_FILES:
-        if (root / name).is_file():
-            return [root / name]
-    found = sorted(root.glob("*.safetensors"))
-    if not found:
-        found = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    model.safetensors, pytorch_model.bin), else any safetensors, else pickles. Each must lie inside `root`
+    (symlinks resolved; a Hub cache snapshot's links into its repo's blobs are fine): an index entry that is
+    absolute, contains `..` or leads out of the folder is an error."""
+    try:
+        found = folder_weight_files(root, [SAFETENSORS_INDEX, PICKLE_INDEX], list(preferred or DEFAULT_WEIGHT_FILES))
+        if not found:
+            found = sorted(root.glob("*.safetensors"))
+            if not found:
+                found = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+            found = [check_inside(path, root, "weight file") for path in found]
+    except UnsafeCheckpointError as err:
+        raise ConversionError(str(err)) from err
     return found
 
 
@@ -539,10 +559,19 @@ def our_name(name: str, spec: TensorSpec) -> str:
 
 
 def index_ranges(spec: TensorSpec, env: Mapping[str, Any], label: str) -> dict[str, range]:
+    """The range of each index variable (heads, stages, layers per head), bounded: a small file whose config
+    claims 10^8 layers must not make a layout of 10^8 names."""
+    limit = max(MAX_DRAFT_HEADS, MAX_LAYERS_PER_HEAD)
     ranges = {}
     for var, (start, stop) in spec.indexed.items():
-        lo = int(evaluate(str(start), env, f"{label}: range of {{{var}}}"))
-        hi = int(evaluate(str(stop), env, f"{label}: range of {{{var}}}"))
+        lo = evaluate(str(start), env, f"{label}: range of {{{var}}}")
+        hi = evaluate(str(stop), env, f"{label}: range of {{{var}}}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)) or not 0 <= lo <= hi <= lo + limit:
+            raise ConversionError(
+                f"{label}: the config implies {{{var}}} in range({lo!r}, {hi!r}) ({spec.indexed[var][1]}); at most "
+                f"{limit} heads, stages or layers per head are supported (speculators_hf.config.MAX_DRAFT_HEADS, "
+                "MAX_LAYERS_PER_HEAD). The config.json is corrupt or crafted: fix the count."
+            )
         ranges[var] = range(lo, hi)
     return ranges
 
@@ -627,9 +656,10 @@ def check_tensors(
                     f"({' x '.join(shape_exprs)})"
                 )
         kind = spec.dtypes.get(name, "float")
+        if dtype_kind(tensor.dtype) != kind:
+            wanted = {"float": "a float dtype", "integer": "an integer dtype", "bool": "torch.bool"}[kind]
+            raise ConversionError(f"{label}: tensor {src_name!r} has dtype {tensor.dtype}, expected {wanted}")
         if kind == "float":
-            if not tensor.is_floating_point():
-                raise ConversionError(f"{label}: tensor {src_name!r} has dtype {tensor.dtype}, expected a float dtype")
             if float_dtype is None:
                 float_dtype, float_first = tensor.dtype, src_name
             elif tensor.dtype != float_dtype:
@@ -637,13 +667,6 @@ def check_tensors(
                     f"{label}: tensor {src_name!r} has dtype {tensor.dtype} but {float_first!r} has {float_dtype}; "
                     "a checkpoint with mixed float dtypes cannot be converted without loss (cast it first)"
                 )
-        elif kind == "integer":
-            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-                raise ConversionError(
-                    f"{label}: tensor {src_name!r} has dtype {tensor.dtype}, expected an integer dtype"
-                )
-        elif tensor.dtype != torch.bool:
-            raise ConversionError(f"{label}: tensor {src_name!r} has dtype {tensor.dtype}, expected torch.bool")
     return float_dtype or torch.float32
 
 
@@ -732,6 +755,10 @@ class VerifierRef:
                 index_path = Path(hf_hub_download(name, index, **self.hub_kwargs))
             except Exception:
                 continue
+            try:
+                shard_names(index_path)  # refuses names leading out of the repo
+            except UnsafeCheckpointError as err:
+                raise ConversionError(f"verifier {name}: {err}") from err
             weight_map = json.loads(index_path.read_text())["weight_map"]
             shard = next((weight_map[k] for k in keys if k in weight_map), None)
             if shard is None:
@@ -748,8 +775,13 @@ class VerifierRef:
     def _files_in(root: Path, keys: list[str]) -> list[Path]:
         for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
             if (root / index).is_file():
-                weight_map = json.loads((root / index).read_text())["weight_map"]
-                return [root / weight_map[k] for k in keys if k in weight_map][:1]
+                try:
+                    shard_names(root / index)  # refuses names leading out of the folder
+                    weight_map = json.loads((root / index).read_text())["weight_map"]
+                    shards = [root / weight_map[k] for k in keys if k in weight_map][:1]
+                    return [check_inside(shard, root, "verifier shard") for shard in shards]
+                except UnsafeCheckpointError as err:
+                    raise ConversionError(f"verifier {root}: {err}") from err
         return weight_files(root)
 
 
@@ -770,22 +802,13 @@ def check_destination(source_root: Path | None, dst: Path, overwrite: bool) -> N
 
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[Path]:
-    """Yield a temporary folder path beside `dst` (not yet created); on success it replaces `dst`
-    in one rename, on failure it is removed and `dst` is left as it was."""
-    dst = dst.expanduser().resolve()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
-    tmp = work / "out"
-    try:
+    """Yield an empty folder beside `dst`; on success it replaces `dst` in one atomic step, on failure (or a
+    kill) it is removed and `dst` is left as it was (`models.checkpoint.replacing_folder`, which
+    `save_pretrained` uses too)."""
+    with replacing_folder(save_target(dst)) as tmp:
         yield tmp
-        if not tmp.is_dir():
+        if not any(tmp.iterdir()):
             raise ConversionError("the converter wrote nothing")
-        backup = work / "previous"
-        if dst.exists():
-            dst.rename(backup)
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -845,33 +868,37 @@ def build_model(
 
     try:
         config.validate_speculator()
-        with no_init_weights():
-            model = model_class(config)
+        # the tensors the config implies, from a model on the meta device: compared before anything is allocated
+        expected = tensor_infos(meta_model(model_class, config))
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
-    model.to(dtype)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    lines = [f"  missing {name}: the config needs shape {tuple(expected[name].shape)}" for name in missing]
-    lines += [f"  unexpected {origin.get(name, name)} {tuple(tensors[name].shape)}" for name in unexpected]
-    lines += [
-        f"  {origin.get(name, name)}: checkpoint shape {tuple(t.shape)}, the config needs {tuple(expected[name].shape)}"
+    found = {
+        name: TensorInfo(tuple(t.shape), dtype_kind(t.dtype), str(t.dtype).removeprefix("torch."))
         for name, t in tensors.items()
-        if name in expected and t.shape != expected[name].shape
-    ]
+    }
+    lines = weight_problems(expected, found, owner="converted config", names=origin)
     if lines:
         raise ConversionError(f"{label}: the tensors do not match the converted config:\n" + "\n".join(lines))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    with no_init_weights():
+        model = model_class(config)
+    model.to(dtype)
+    state = model.state_dict()
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=True)
+    problems = model.weight_value_problems()
+    if problems:
+        raise ConversionError(f"{label}: invalid tensor values:\n" + "\n".join(problems))
     return model.eval()
 
 
-def warn_non_finite(tensors: Mapping[str, torch.Tensor], origin: Mapping[str, str], label: str, log: Any) -> None:
-    broken = sorted(
-        origin.get(n, n) for n, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())
-    )
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], origin: Mapping[str, str], label: str) -> None:
+    """NaN or inf in a weight is an error naming the source tensors (a draft loaded from such a file is
+    refused too: `SpeculatorModel.from_pretrained`)."""
+    broken = sorted(origin.get(n, n) for n in non_finite_tensors(tensors.items()))
     if broken:
-        log(f"warning: {label} has non-finite values (NaN/inf) in {broken}; they are copied as they are")
+        raise ConversionError(
+            f"{label}: tensors {broken} hold NaN or inf values; the checkpoint is corrupt (a diverged training run or a "
+            "damaged download): re-download it or take an earlier checkpoint"
+        )
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -33,9 +33,9 @@ from .core import (
     check_reimport,
     check_tensors,
     map_fields,
+    refuse_non_finite,
     rename_tensors,
     source_environment,
-    warn_non_finite,
     write_native,
 )
 
@@ -76,7 +76,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> EagleSpecul
     bind_reference(config, ctx, source.label, layer_config.vocab_size, layer_config.hidden_size, "EAGLE draft")
     shape_env = dict(layer_config.to_dict())
     dtype = check_tensors(tensors, origin, spec.tensors, shape_env, source.label)
-    warn_non_finite(tensors, origin, source.label, ctx.log)
+    refuse_non_finite(tensors, origin, source.label)
     if EMBED not in tensors:
         add_verifier_embedding(config, tensors, spec, ctx, dtype, source.label)
     return build_model(EagleSpeculator, config, tensors, origin, dtype, source.label)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import SpeculatorConfigError, default_speculators_config
-from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids
+from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids, vocab_map_problems
 from . import core
 from .core import (
     ConversionError,
@@ -199,20 +199,14 @@ def map_vocab(
             "so draft ids cannot be mapped to verifier ids"
         )
     d2t = d2t.to(torch.long)
-    target = torch.arange(vd) + d2t
-    if int(target.min()) < 0 or int(target.max()) >= v or target.unique().numel() != vd:
-        raise ConversionError(
-            f"{label}: {origin['d2t']!r} maps draft ids to invalid or repeated verifier ids (range {int(target.min())}.."
-            f"{int(target.max())}, verifier vocab {v})"
-        )
-    derived = torch.zeros(v, dtype=torch.bool)
-    derived[target] = True
-    if t2d is not None and not torch.equal(t2d, derived):
-        raise ConversionError(
-            f"{label}: {origin['t2d']!r} disagrees with {origin['d2t']!r} (t2d[d + d2t[d]] must be the draft ids)"
-        )
+    problems = vocab_map_problems(d2t, t2d, vd, v)
+    if problems:
+        names = f"{origin['d2t']!r}" + (f", {origin['t2d']!r}" if t2d is not None else "")
+        raise ConversionError(f"{label}: invalid vocabulary map ({names}):\n" + "\n".join(problems))
     if t2d is None:
         log("t2d derived from d2t")
+    derived = torch.zeros(v, dtype=torch.bool)
+    derived[torch.arange(vd) + d2t] = True
     tensors["d2t"], tensors["t2d"] = d2t, derived
 
 
@@ -282,11 +276,7 @@ def finish(
             f"{config.eagle_aux_hidden_state_layer_ids} ({spec.aux_layers.why})"
         )
     dtype = check_tensors(tensors, origin, spec.tensors, shape_environment(config), label)
-    broken = sorted(
-        origin.get(n, n) for n, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())
-    )
-    if broken:
-        ctx.log(f"warning: {label} has non-finite values (NaN/inf) in {broken}; they are copied as they are")
+    core.refuse_non_finite(tensors, origin, label)
     map_vocab(config, tensors, origin, label, ctx.log, spec.vocab.get("full_vocab_mapping", "error"))
     add_embedding(config, tensors, spec, ctx, dtype, label)
     try:

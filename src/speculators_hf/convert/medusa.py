@@ -40,10 +40,10 @@ from .core import (
     expand_layout,
     map_fields,
     our_name,
+    refuse_non_finite,
     rename_tensors,
     same_bits,
     source_environment,
-    warn_non_finite,
     write_native,
 )
 
@@ -91,7 +91,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MedusaSpecu
     layout = expand_layout(spec.tensors, shape_env, source.label)
     tensors, origin = rename_tensors(raw, layout, source.label, ctx.log)
     dtype = check_tensors(tensors, origin, layout, shape_env, source.label)
-    warn_non_finite(tensors, origin, source.label, ctx.log)
+    refuse_non_finite(tensors, origin, source.label)
     if spec.name == "medusa_vllm":
         _vllm_biases(tensors, env, heads, layers, hidden, dtype, ctx.log)
     if layers > 1:

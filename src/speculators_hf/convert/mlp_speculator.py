@@ -27,10 +27,10 @@ from .core import (
     check_tensors,
     expand_layout,
     map_fields,
+    refuse_non_finite,
     rename_tensors,
     same_bits,
     source_environment,
-    warn_non_finite,
     write_native,
 )
 
@@ -71,7 +71,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MLPSpeculat
     layout = expand_layout(spec.tensors, shape_env, source.label)
     tensors, origin = rename_tensors(source.tensors(), layout, source.label, ctx.log)
     dtype = check_tensors(tensors, origin, layout, shape_env, source.label)
-    warn_non_finite(tensors, origin, source.label, ctx.log)
+    refuse_non_finite(tensors, origin, source.label)
     if config.tie_weights:
         for group in tied_groups(config.n_predict):
             first = tensors[group[0]]

@@ -8,7 +8,8 @@ readers must be present), reads the tensors (the `midlayer.*` alias accepted, tr
 Export: our own save already is a `speculators`/vLLM checkpoint (model_type "speculators", the exact
 EAGLE-3 tensor layout, d2t exactly when the draft vocabulary is smaller, every norm flag written). The
 export re-checks all of that on the written folder, requires a verifier reference vLLM can resolve (a
-Hub id or an existing path), and adds the legacy `rope_theta`/`rope_scaling` keys to
+Hub id or an existing path; a local path is written with a warning, since vLLM uses it verbatim on the
+serving machine: `verifier_id=` / `--verifier-id` writes the Hub id instead), and adds the legacy `rope_theta`/`rope_scaling` keys to
 `transformer_layer_config` so that readers on transformers 4.x see the same RoPE. Nothing else is
 dropped: auto_map and the remote-code files are harmless to both readers (see the spec's notes).
 """
@@ -68,7 +69,15 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
         raise ConversionError(
             f"export to {spec.name}: speculators_config.verifier.name_or_path is {name!r}; vLLM uses it verbatim "
             "(relative to its working directory) to load the verifier, so it must be a Hub id or an existing "
-            "path. Pass --verifier ID_OR_PATH."
+            "path. Pass --verifier-id ORG/NAME (or --verifier ID_OR_PATH)."
+        )
+    if not HUB_ID.match(name) or Path(name).exists():
+        ctx.log(
+            f"warning: the export names its verifier by the local path {name!r} "
+            "(speculators_config.verifier.name_or_path): vLLM serving this draft without an explicit verifier "
+            "(`vllm serve DRAFT`) loads the verifier from exactly that path on the serving machine (a relative "
+            "path from its working directory), and `speculators-hf push` refuses it. Pass --verifier-id ORG/NAME "
+            "(verifier_id= in Python) to write the verifier's Hub id instead."
         )
     if rules.legacy_rope_keys:
         layer = config["transformer_layer_config"]

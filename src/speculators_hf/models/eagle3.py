@@ -14,14 +14,14 @@ stored; `norm_before_residual` and the other norm flags are always written.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from ..config import SpeculatorConfig, SpeculatorConfigError, build_layer_config
+from ..config import MAX_LAYERS, SpeculatorConfig, SpeculatorConfigError, VocabSize, Width, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import expand_draft_vocab
 from .eagle_base import EagleStyleSpeculator
@@ -53,6 +53,44 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
 
 
+def vocab_map_problems(
+    d2t: torch.Tensor | None, t2d: torch.Tensor | None, draft_vocab_size: int, vocab_size: int
+) -> list[str]:
+    """What is wrong with a draft-to-verifier vocabulary map, one line each (empty when it is sound): draft id
+    d stands for verifier id d + d2t[d], which must lie in [0, vocab_size) and differ for every draft id
+    (an id outside fails only at generation time with an IndexError; a repeated one loses probability mass);
+    `t2d`, when given, must mark exactly those verifier ids. Shared by loading and `convert`."""
+    if d2t is None:
+        return []
+    if d2t.dtype == torch.bool or d2t.is_floating_point() or d2t.is_complex():
+        return [f"  d2t: has dtype {d2t.dtype}; it holds integer offsets (verifier id = draft id + d2t[draft id])"]
+    if tuple(d2t.shape) != (draft_vocab_size,):
+        return [f"  d2t: has shape {tuple(d2t.shape)}, expected ({draft_vocab_size},) (one offset per draft id)"]
+    target = torch.arange(draft_vocab_size, device=d2t.device) + d2t.long()
+    outside = ((target < 0) | (target >= vocab_size)).nonzero().flatten()
+    if outside.numel():
+        d = int(outside[0])
+        return [
+            f"  d2t: maps {outside.numel()} draft ids outside the verifier vocabulary [0, {vocab_size}), e.g. draft id "
+            f"{d} -> {int(target[d])} (d2t[{d}] = {int(d2t[d])}); d + d2t[d] must be a verifier id"
+        ]
+    if target.unique().numel() != draft_vocab_size:
+        return [
+            f"  d2t: maps {draft_vocab_size - target.unique().numel()} draft ids to a verifier id another draft id already "
+            "has; every draft id needs its own verifier id"
+        ]
+    if t2d is not None:
+        derived = torch.zeros(vocab_size, dtype=torch.bool, device=d2t.device)
+        derived[target] = True
+        if (
+            t2d.dtype != torch.bool
+            or tuple(t2d.shape) != (vocab_size,)
+            or not torch.equal(t2d.to(derived.device), derived)
+        ):
+            return ["  t2d: disagrees with d2t (t2d[d + d2t[d]] must be true exactly for the draft ids d)"]
+    return []
+
+
 def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
     """A one-layer decoder config with the verifier's widths, heads, norm eps and RoPE."""
     model_type = verifier_text_config.model_type if verifier_text_config.model_type in PARTS else "llama"
@@ -70,9 +108,9 @@ class Eagle3Fields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     transformer_layer_config: dict[str, Any]
-    draft_vocab_size: PositiveInt
-    target_hidden_size: PositiveInt | None = None
-    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    draft_vocab_size: VocabSize
+    target_hidden_size: Width | None = None
+    eagle_aux_hidden_state_layer_ids: list[Annotated[StrictInt, Field(le=MAX_LAYERS)]] | None = None
     norm_before_residual: bool = False
     norm_before_fc: bool = False
     fc_norm: bool = False
@@ -211,6 +249,13 @@ class Eagle3Speculator(EagleStyleSpeculator):
         model.embed_tokens.weight.requires_grad_(model.config.embed_requires_grad)
         return loaded
 
+    def weight_value_problems(self) -> list[str]:
+        """NaN/inf weights (the base class) and the vocabulary map (`vocab_map_problems`)."""
+        problems = super().weight_value_problems()
+        vocab = self.config.transformer_layer_config.vocab_size
+        d2t, t2d = getattr(self, "d2t", None), getattr(self, "t2d", None)
+        return problems + vocab_map_problems(d2t, t2d, self.config.draft_vocab_size, vocab)
+
     # -- maths -------------------------------------------------------------------------------------
     def project(self, features: list[torch.Tensor]) -> torch.Tensor:
         """fc over the verifier's aux hidden states (one [B, T, Ht] tensor per layer id, ascending)."""
@@ -307,10 +352,23 @@ class Eagle3Speculator(EagleStyleSpeculator):
         speculative_tokens: int = 5,
         **fields: Any,
     ) -> Eagle3SpeculatorConfig:
+        """The config of a new draft for a verifier with `verifier_config`.
+
+        `draft_vocab_size` defaults to a quarter of the verifier's vocabulary (rounded up to a multiple of
+        64), as the published EAGLE-3 drafts do (32k of Llama 3's 128k). The draft's lm_head costs in
+        proportion to it, and the whole vocabulary buys nothing measurable: on the zoo verifier, drafts with
+        1/8, 1/4, 1/2 and all of its 6144 tokens (same data and recipe) reached tau 2.47, 2.57, 2.46 and 2.51
+        (benchmarks/draft_vocab.py, benchmarks/results/vocab/). There even 1/8 covered every target, as the
+        small verifier's greedy replies use only 439 distinct tokens; a quarter keeps room for the far more
+        varied replies of a chat model. Which tokens: the first ids until the draft vocabulary is chosen from
+        data with `select_draft_vocab(draft, input_ids, loss_mask)` (as `speculators-hf train` does); pass
+        the verifier's vocab_size for the full vocabulary."""
         text = verifier_config.get_text_config()
+        if draft_vocab_size is None:
+            draft_vocab_size = min(text.vocab_size, 64 * -(-text.vocab_size // 256))
         config = Eagle3SpeculatorConfig(
             transformer_layer_config=draft_layer_config(text),
-            draft_vocab_size=draft_vocab_size or text.vocab_size,
+            draft_vocab_size=draft_vocab_size,
             target_hidden_size=text.hidden_size,
             eagle_aux_hidden_state_layer_ids=aux_layer_ids or default_aux_layer_ids(text.num_hidden_layers),
             **fields,

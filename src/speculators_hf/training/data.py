@@ -1,20 +1,25 @@
 """Training data for drafts: records -> token blocks with a loss mask -> verifier hidden states.
 
 1. `load_records` reads jsonl: `{"text": ...}`, `{"messages": [{"role", "content"}, ...]}` (chat) or
-   `{"prompt": ..., "response": ...}`.
+   `{"prompt": ...[, "response": ...]}`.
 2. `regenerate_responses` (optional, recommended) replaces every assistant reply with the verifier's
-   own generation, so the draft learns the distribution it will be verified against.
-3. `tokenize_record` applies the verifier's chat template; the loss mask covers assistant tokens
-   (all tokens for plain text). `pack_blocks` concatenates records into fixed-length blocks.
+   own generation, so the draft learns the distribution it will be verified against, and gives chats
+   that end without a reply (user-only prompts) one. Batched (left-padded, greedy output identical to
+   one record at a time), with progress, and saved as it goes so that a rerun resumes.
+3. `tokenize_record` applies the verifier's chat template (`chat_ids`); the loss mask covers assistant
+   tokens (all tokens for plain text). `tokenize_records` also counts the records without any (nothing
+   to train on). `pack_blocks` concatenates records into fixed-length blocks.
 4. Hidden states are computed on the fly during training (`DraftDataset(verifier=...)`) or cached
    once with `cache_features` as fp16/bf16 safetensors shards (resumable, with a size estimate).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..generation.capture import verifier_hidden_states
+from ..progress import Progress
+from ..prompts import chat_ids
 
 BLOCKS_FILE = "blocks.safetensors"
 INFO_FILE = "data_info.json"
@@ -36,7 +43,8 @@ class DataError(ValueError):
 # records
 # --------------------------------------------------------------------------------------------------
 def load_records(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a jsonl file of text, chat or prompt/response records."""
+    """Read a jsonl file of text, chat or prompt/response records (a prompt without a response becomes a
+    user-only chat, whose reply `regenerate_responses` writes)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -49,31 +57,32 @@ def load_records(path: str | os.PathLike, limit: int | None = None) -> list[dict
             if not isinstance(record, dict) or not ({"text", "messages", "prompt"} & set(record)):
                 raise DataError(f"{path}:{line_no}: expected a 'text', 'messages' or 'prompt'/'response' record")
             if "prompt" in record:
-                record = {
-                    "messages": [
-                        {"role": "user", "content": record["prompt"]},
-                        {"role": "assistant", "content": record.get("response", "")},
-                    ]
-                }
+                messages = [{"role": "user", "content": record["prompt"]}]
+                if record.get("response"):
+                    messages.append({"role": "assistant", "content": record["response"]})
+                record = {"messages": messages}
+            if "messages" in record:
+                _check_messages(record["messages"], f"{path}:{line_no}")
             records.append(record)
             if limit is not None and len(records) >= limit:
                 break
     return records
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
-    if _has_chat_template(tokenizer):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    # No template (tiny or base models): plain "role: content" lines.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    if add_generation_prompt:
-        text += "assistant:"
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+def _check_messages(messages: Any, where: str) -> None:
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
+    if not ok:
+        raise DataError(
+            f'{where}: "messages" must be a non-empty list of {{"role": str, "content": str}} turns, e.g. '
+            '[{"role": "user", "content": "..."}]'
+        )
 
 
 def tokenize_record(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -88,7 +97,7 @@ def tokenize_record(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], 
     mask: list[int] = []
     for i, message in enumerate(messages):
         # the tokens message i adds = template(messages[:i+1]) minus template(messages[:i])
-        full = _chat_ids(tokenizer, messages[: i + 1])
+        full = chat_ids(tokenizer, messages[: i + 1])
         if full[: len(ids)] != ids:
             raise DataError(
                 "the chat template renders earlier turns differently once a turn is added, so assistant tokens "
@@ -99,27 +108,206 @@ def tokenize_record(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], 
     return ids, mask
 
 
+def tokenize_records(
+    tokenizer: Any, records: list[dict[str, Any]]
+) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """(ids, mask) of every record, and counts: records, trained tokens, and records without a single
+    trained token (a chat without an assistant turn: nothing to learn from it unless it is regenerated)."""
+    sequences = [tokenize_record(tokenizer, record) for record in records]
+    return sequences, {
+        "records": len(records),
+        "trained_tokens": sum(sum(mask) for _, mask in sequences),
+        "records_without_assistant_tokens": sum(1 for _, mask in sequences if not any(mask)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# regenerating the replies with the verifier: batched, resumable
+# --------------------------------------------------------------------------------------------------
+REGEN_FILE = "regenerated.jsonl"
+# Measured with benchmarks/regen_throughput.py (zoo verifier, 32 prompts, 64 new tokens, 1 thread of a shared
+# 2-core CPU, three runs): 49-79 tokens/s one record at a time, 160-230 with 4-8 records per generate() call,
+# 150-260 with 16 and 120-250 with 32: 16 is at the top, and a larger batch adds padding and cache without
+# speed on a CPU. On a GPU, batches of 64 or more pay (--regen-batch-size).
+REGEN_BATCH_SIZE = 16
+
+
+def _reply_slots(messages: list[dict[str, str]]) -> list[dict[str, str] | None]:
+    """The conversation with each assistant turn replaced by a slot (None) for the verifier to fill, and
+    a slot appended when the last turn is not the assistant's (user-only prompts get their reply)."""
+    turns: list[dict[str, str] | None] = [None if m["role"] == "assistant" else m for m in messages]
+    if messages[-1]["role"] != "assistant":
+        turns.append(None)
+    return turns
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class _RegenStore:
+    """Regenerated records, appended as they are made: one header line with the settings, then one line
+    per record `{"index", "key", "record"}` (key = hash of the source record), each written with a single
+    write and flushed. Reading back keeps the records whose key still matches the source (an edited input
+    regenerates just what changed) and drops a torn last line, so a killed run loses at most the batch in
+    flight and a rerun of the same command resumes."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path, self.settings = path, settings
+
+    def load(self, records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        content = self.path.read_bytes() if self.path.exists() else b""
+        if b"\n" not in content:  # nothing, or the first write torn (it holds the header): start over
+            self.path.unlink(missing_ok=True)
+            return {}
+        lines = content.split(b"\n")
+        try:
+            header = json.loads(lines[0])["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            header = None
+        if header != self.settings:
+            raise DataError(
+                f"{self.path} holds replies regenerated with other settings ({header}, now {self.settings}); "
+                "rerun with the same verifier and options to resume, or delete the file (or use another --output) "
+                "to regenerate from scratch"
+            )
+        done: dict[int, dict[str, Any]] = {}
+        good = len(lines[0]) + 1
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                index, key, record = int(entry["index"]), entry["key"], entry["record"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                break  # a torn last line (killed mid-write): dropped, and cut off below
+            good += len(line) + 1
+            if 0 <= index < len(records) and key == _record_key(records[index]):
+                _check_messages(record.get("messages") if isinstance(record, dict) else None, f"{self.path}")
+                done[index] = record
+        if good < len(content):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return done
+
+    def append(self, entries: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> None:
+        """Append (index, source record, regenerated record) lines in one write."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        text = json.dumps({"settings": self.settings}) + "\n" if new else ""
+        text += "".join(
+            json.dumps({"index": i, "key": _record_key(src), "record": rec}, ensure_ascii=False) + "\n"
+            for i, src, rec in entries
+        )
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def generate_replies(
+    verifier: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_ids: Collection[int],
+    do_sample: bool = False,
+) -> list[list[int]]:
+    """The verifier's continuation of each prompt, in one left-padded `generate()` call: each reply is cut
+    after its first eos. Greedy, each row is what the verifier gives for that prompt alone (the attention
+    mask hides the padding and positions count from each row's first real token)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    with torch.no_grad():
+        out = verifier.generate(
+            ids.to(verifier.device),
+            attention_mask=mask.to(verifier.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=pad_token_id,
+        )
+    replies = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_token_ids), len(row))
+        replies.append(row[:end])
+    return replies
+
+
 def regenerate_responses(
-    verifier: Any, tokenizer: Any, records: list[dict[str, Any]], max_new_tokens: int = 256, do_sample: bool = False
+    verifier: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    batch_size: int = REGEN_BATCH_SIZE,
+    progress_file: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Replace each assistant reply by the verifier's own continuation of the conversation so far."""
-    out = []
-    for record in tqdm(records, desc="regenerating responses with the verifier", unit="record"):
-        if "messages" not in record:
-            out.append(record)
-            continue
-        messages: list[dict[str, str]] = []
-        for message in record["messages"]:
-            if message["role"] != "assistant":
-                messages.append(message)
-                continue
-            prompt = torch.tensor([_chat_ids(tokenizer, messages, add_generation_prompt=True)], device=verifier.device)
-            with torch.no_grad():
-                gen = verifier.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample)
-            reply = tokenizer.decode(gen[0, prompt.shape[1] :], skip_special_tokens=True)
-            messages.append({"role": "assistant", "content": reply})
-        out.append({"messages": messages})
-    return out
+    """Replace each assistant reply of the chat records by the verifier's own continuation of the
+    conversation so far, and give a reply to chats whose last turn is not the assistant's (user-only
+    prompts). Text records are kept as they are.
+
+    Records go through `generate()` `batch_size` at a time (left-padded, sorted by prompt length so that
+    little is padding); greedy output is the same as one record at a time. With `progress_file` every
+    finished batch is appended there, and a rerun with the same file, records and settings resumes: a
+    kill loses at most the batch in flight."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    eos = getattr(verifier.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(sorted(eos_ids)), 0)
+    settings = {
+        "verifier": getattr(verifier, "name_or_path", None) or verifier.config.name_or_path,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest()[:16],
+    }
+    store = _RegenStore(Path(progress_file), settings) if progress_file is not None else None
+    done = store.load(records) if store is not None else {}
+    chats = [i for i, r in enumerate(records) if "messages" in r]
+    todo = [i for i in chats if i not in done]
+    # sorted by the length of the first prompt, so that a batch holds prompts of similar length
+    todo.sort(key=lambda i: (len(chat_ids(tokenizer, _open_prompt(_reply_slots(records[i]["messages"])), True)), i))
+    progress = Progress(len(chats), "regenerating replies with the verifier", "record", initial=len(chats) - len(todo))
+    generated, started = 0, time.perf_counter()
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            turns = {i: _reply_slots(records[i]["messages"]) for i in batch}
+            tokens = 0
+            while True:
+                # one generate() per round: the next open slot of every conversation that has one
+                pending = [i for i in batch if None in turns[i]]
+                if not pending:
+                    break
+                prompts = [chat_ids(tokenizer, _open_prompt(turns[i]), add_generation_prompt=True) for i in pending]
+                replies = generate_replies(verifier, prompts, max_new_tokens, pad, eos_ids, do_sample)
+                for i, reply in zip(pending, replies):
+                    tokens += len(reply)
+                    turns[i][turns[i].index(None)] = {
+                        "role": "assistant",
+                        "content": tokenizer.decode(reply, skip_special_tokens=True),
+                    }
+            finished = [(i, records[i], {"messages": [t for t in turns[i] if t is not None]}) for i in batch]
+            for i, _, record in finished:
+                done[i] = record
+            if store is not None:
+                store.append(finished)
+            generated += tokens
+            rate = generated / max(time.perf_counter() - started, 1e-9)
+            progress.update(len(batch), f"{generated} tokens, {rate:.1f} tokens/s")
+    finally:
+        progress.close()
+    return [done.get(i, record) for i, record in enumerate(records)]
+
+
+def _open_prompt(turns: list[dict[str, str] | None]) -> list[dict[str, str]]:
+    """The turns before the first open reply slot."""
+    return turns[: turns.index(None)]  # type: ignore[return-value]
 
 
 def pack_blocks(sequences: Iterable[tuple[list[int], list[int]]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,8 +423,3 @@ class DraftDataset(torch.utils.data.Dataset):
         if self.features is not None:
             item["features"] = self.features[i]
         return item
-
-
-def iterate_records(tokenizer: Any, records: list[dict[str, Any]]) -> Iterator[tuple[list[int], list[int]]]:
-    for record in records:
-        yield tokenize_record(tokenizer, record)
