@@ -24,6 +24,21 @@ from .arguments import (
     positive_int_list,
     tree_spec,
 )
+from .prompts import prompt_ids, use_chat
+
+CODE_DEMO_PROMPT = "import os\nimport sys\n\ndef main(argv):\n    "  # the zoo's domain: Python's stdlib and docs
+CHAT_DEMO_PROMPT = "Explain in a few sentences how a compiler turns source code into a program."
+
+
+def left_padded(rows: list[list[int]], device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as one left-padded batch (pad id 0, masked out) and its attention mask."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def _builtin_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -43,15 +58,13 @@ def _builtin_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _hub_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from transformers import AutoTokenizer
-
     from .config import SpeculatorConfig
-    from .loading import AutoSpeculatorForCausalLM
+    from .loading import AutoSpeculatorForCausalLM, load_tokenizer
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     # the verifier's tokenizer is loaded first, so that binding checks the draft's recorded tokenizer_hash
     name = args.verifier or SpeculatorConfig.from_pretrained(args.draft).verifier.get("name_or_path")
-    tokenizer = AutoTokenizer.from_pretrained(name) if name else None  # no name: the next line says what to pass
+    tokenizer = load_tokenizer(name) if name else None  # no name: the next line says what to pass
     draft = AutoSpeculatorForCausalLM.from_pretrained(
         args.draft, verifier=args.verifier, dtype=dtype, tokenizer=tokenizer
     )
@@ -80,7 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         verifier, draft, tokenizer = _builtin_pair(args) if builtin else _zoo_pair(args)
     if tokenizer is not None:
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(verifier.device)
+        chat = use_chat(tokenizer, args.chat)
+        prompt = args.prompt or (CHAT_DEMO_PROMPT if chat else CODE_DEMO_PROMPT)
+        input_ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=verifier.device)
+        print(f"prompt:   {prompt!r}" + (" (in the verifier's chat template)" if chat else ""))
     else:
         input_ids = torch.arange(3, 3 + 16)[None]
     family = draft.config.speculators_model_type
@@ -147,21 +163,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             assistant_lm = drafts["independent"].model
         prompts = zoo_prompts()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from .loading import load_tokenizer
 
         verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=dtype).eval()
+        tokenizer = load_tokenizer(args.verifier)
         drafts = {}
         for spec in args.draft or []:
             name, _, path = spec.rpartition("=")
-            drafts[name or path] = load_draft(path, dtype=dtype).bind_verifier(verifier)
+            drafts[name or path] = load_draft(model_ref(path), dtype=dtype).bind_verifier(verifier, tokenizer=tokenizer)
         assistant_lm = (
             AutoModelForCausalLM.from_pretrained(args.assistant_lm, dtype=dtype).eval() if args.assistant_lm else None
         )
-        tokenizer = AutoTokenizer.from_pretrained(args.verifier)
         texts = json.loads(Path(args.prompts).read_text()) if args.prompts else ["def main():\n"]
-        prompts = [
-            torch.tensor([t]) if isinstance(t, list) else tokenizer(t, return_tensors="pt").input_ids for t in texts
-        ]
+        chat = use_chat(tokenizer, args.chat)
+        prompts = [torch.tensor([t if isinstance(t, list) else prompt_ids(tokenizer, t, chat)]) for t in texts]
     if args.device:
         verifier.to(args.device)
         for draft in drafts.values():
@@ -200,20 +217,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation.loop import generate
 
     verifier, draft, tokenizer = _hub_pair(args) if args.draft is not None else _builtin_pair(args)
-    texts = args.prompt or ["def fibonacci(n):\n    "]
     if tokenizer is not None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        batch = tokenizer(texts, return_tensors="pt", padding=True).to(verifier.device)
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        chat = use_chat(tokenizer, args.chat)
+        texts = args.prompt or [CHAT_DEMO_PROMPT if chat else "def fibonacci(n):\n    "]
+        id_rows = [prompt_ids(tokenizer, text, chat) for text in texts]
     else:  # the built-in pair has no tokenizer: one row of ids per prompt, 3 + its length
-        id_rows = [torch.arange(3, 3 + 8 + len(t) % 8) for t in texts]
-        width = max(len(r) for r in id_rows)
-        input_ids = torch.zeros(len(id_rows), width, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, r in enumerate(id_rows):
-            input_ids[i, width - len(r) :], attention_mask[i, width - len(r) :] = r, 1
+        texts = args.prompt or ["def fibonacci(n):\n    "]
+        id_rows = [list(range(3, 3 + 8 + len(t) % 8)) for t in texts]
+    input_ids, attention_mask = left_padded(id_rows, verifier.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": args.do_sample}
@@ -335,6 +346,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = (
+    "prompt through the verifier's chat template, as a user turn followed by the assistant's header (default: "
+    "whenever the tokenizer has a chat template; --no-chat: plain text)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -354,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--verifier", type=model_ref, help="verifier (Hub id or path); default: the one named by the draft"
     )
-    demo.add_argument("--prompt", default="import os\nimport sys\n\ndef main(argv):\n    ", help="prompt text")
+    demo.add_argument(
+        "--prompt", help="prompt text (default: a question for a chat model, Python code for the zoo's verifier)"
+    )
+    demo.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
     demo.add_argument("--max-new-tokens", type=positive_int, default=128)
     demo.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft length k (built-in pair)")
     demo.add_argument(
@@ -378,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--assistant-lm", type=model_ref, help="small LM for transformers' own assisted generation")
     bench.add_argument("--families", help="zoo drafts to run (default: all)")
     bench.add_argument("--prompts", type=existing_file, help="JSON list of prompt strings (or token id lists)")
+    bench.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
     bench.add_argument("--num-prompts", type=positive_int, default=12)
     bench.add_argument("--k", type=positive_int_list, default=[3, 5, 7], help="draft lengths, e.g. 3,5,7")
     bench.add_argument("--max-new-tokens", type=positive_int, default=96)
@@ -413,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verifier", type=model_ref, help="verifier (Hub id or path); default: the one named by the draft"
     )
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
     gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
                      "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)

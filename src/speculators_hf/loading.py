@@ -89,16 +89,40 @@ class AutoSpeculatorForCausalLM:
         return draft.bind_verifier(verifier, tokenizer=tokenizer)
 
 
+# files one of which a saved tokenizer has (fast, slow sentencepiece/BPE/WordPiece, or its config)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained`, never as remote code, with a clear error for a local folder that holds no
+    tokenizer (transformers would suggest installing sentencepiece)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(str(name_or_path)).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the verifier's tokenizer "
+            "there (tokenizer.save_pretrained(folder)), or name another source with --tokenizer where the command "
+            "has it"
+        )
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False, **kwargs)
+
+
 def verifier_tokenizer(source: str | None, kwargs: dict[str, Any]) -> Any:
     """The tokenizer stored with the verifier at `source` (never remote code), or None with a warning that the
     draft's tokenizer_hash could not be checked."""
-    from transformers import AutoTokenizer
-
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     reason = "the verifier has no name or path to load it from"
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source, **hub)
+            return load_tokenizer(source, **hub)
         except Exception as err:  # any failure means the same thing here: no tokenizer to compare
             reason = f"loading it from {source} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     warnings.warn(

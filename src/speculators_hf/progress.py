@@ -38,15 +38,18 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream)
 
-    def update(self, n: int = 1, postfix: str | None = None) -> None:
+    def update(self, n: int = 1, postfix: str | None = None, line: bool | None = None) -> None:
+        """`n` more units done. Without a terminal a line is printed when `line` is True, never when False, and
+        by default every `interval` seconds and at the end."""
         self.done += n
         if self.bar is not None:
-            self.bar.update(n)
             if postfix:
                 self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n)
             return
         now = time.perf_counter()
-        if self.enabled and (now - self.last_print >= self.interval or self.done >= self.total):
+        due = now - self.last_print >= self.interval or self.done >= self.total if line is None else line
+        if self.enabled and due:
             self.last_print = now
             print(self.line(postfix), file=self.stream, flush=True)
 

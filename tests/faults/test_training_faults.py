@@ -335,7 +335,12 @@ def test_progress_lines_when_stderr_is_not_a_terminal(setup, tmp_path, capsys):
     verifier, ids, mask, _ = setup
     run(verifier, ids, mask, tmp_path / "run", log_every=2)
     err = capsys.readouterr().err
-    lines = re.findall(r"^step (\d+)/6 \(\d+%\) loss \d+\.\d{4} \d+\.\d\d steps/s ETA \d+:\d\d:\d\d$", err, re.M)
+    lines = re.findall(
+        r"^training \w+ draft: (\d+)/6 step \(\d+%\), \d+\.\d\d step/s, elapsed \d+:\d\d, ETA \d+:\d\d "
+        r"\[loss \d+\.\d{4}, acc \d\.\d\d\]$",
+        err,
+        re.M,
+    )
     assert lines == ["2", "4", "6"], err
 
 
@@ -392,13 +397,13 @@ KILLER = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     if kind == "pause":  # after step N: tell the test, then wait for its SIGKILL (an external kill mid-run)
-        update = trainer._Progress.update
-        def paused(self, done, metrics, line):
-            update(self, done, metrics, line)
-            if done == int(arg):
+        update = trainer.Progress.update
+        def paused(self, n=1, postfix=None, line=None):
+            update(self, n, postfix, line)
+            if self.done == int(arg):
                 Path(os.environ["READY"]).write_text("ready")
                 time.sleep(120)
-        trainer._Progress.update = paused
+        trainer.Progress.update = paused
     elif kind == "file":  # inside a checkpoint write: right after `arg` is written into the temporary folder
         save_file = trainer.save_file
         def dying_save(tensors, path, *a, **k):

@@ -76,3 +76,45 @@ def test_bench_cli_on_the_zoo(tmp_path, capsys):
     assert "| eagle3 (tree dynamic:3:2:4:1) | 3 |" in printed and "tokens verified in one pass" in printed
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["repeats"] == 2 and sorted(meta["verification_cost"]) == ["1", "3", "5"]
+
+
+@pytest.fixture
+def chat_pair(tmp_path, chat_tokenizer):
+    """A verifier folder with a chat tokenizer, and a draft folder that names it."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "verifier"
+    make_verifier().save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    verifier = AutoModelForCausalLM.from_pretrained(folder)
+    sh.Eagle3Speculator.from_verifier(verifier, tokenizer=chat_tokenizer).save_pretrained(tmp_path / "draft")
+    return folder, tmp_path / "draft"
+
+
+def test_demo_and_bench_prompt_a_chat_model_through_its_template(chat_pair, chat_tokenizer, tmp_path, monkeypatch):
+    """With a chat template, demo and bench wrap the prompt as a user turn + the assistant's header (the default),
+    and --no-chat sends the plain text."""
+    import speculators_hf.bench as bench
+
+    verifier_dir, draft_dir = chat_pair
+    seen: list[list[int]] = []
+    original = bench.run_bench
+
+    def recording(verifier, prompts, *args, **kwargs):
+        seen.extend(p[0].tolist() for p in prompts)
+        return original(verifier, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_bench", recording)
+    start = chat_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    header = chat_tokenizer("assistant\n", add_special_tokens=False).input_ids
+    assert main(["demo", "--draft", str(draft_dir), "--prompt", "why is the draft fast", "--repeats", "1",
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert seen[-1][0] == start and seen[-1][-len(header) - 1 :] == [start, *header]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["why is the draft fast"]')
+    bench_args = ["bench", "--verifier", str(verifier_dir), "--draft", f"d={draft_dir}", "--prompts", str(prompts),
+                  "--k", "2", "--max-new-tokens", "4", "--no-prompt-lookup", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(bench_args) == 0
+    assert seen[-1][0] == start
+    assert main([*bench_args, "--no-chat"]) == 0
+    assert seen[-1] == chat_tokenizer("why is the draft fast").input_ids

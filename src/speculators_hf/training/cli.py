@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..arguments import (
+    existing_dir,
+    existing_file,
+    model_ref,
+    new_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .data import (
+    REGEN_BATCH_SIZE,
+    REGEN_FILE,
+    DataError,
     cache_features,
-    iterate_records,
     load_blocks,
     load_records,
     pack_blocks,
     regenerate_responses,
     save_blocks,
+    tokenize_records,
 )
 
 
@@ -31,21 +42,40 @@ def _load_verifier(name: str, dtype: str) -> Any:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from ..loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.verifier)
+    tokenizer = load_tokenizer(args.tokenizer or args.verifier)
     records = load_records(args.input, limit=args.limit)
     verifier = None
     if args.regenerate or args.cache_features:
         verifier = _load_verifier(args.verifier, args.dtype)
     if args.regenerate:
-        records = regenerate_responses(verifier, tokenizer, records, max_new_tokens=args.max_new_tokens)
-    input_ids, loss_mask = pack_blocks(iterate_records(tokenizer, records), args.seq_len)
+        args.output.mkdir(parents=True, exist_ok=True)
+        records = regenerate_responses(
+            verifier,
+            tokenizer,
+            records,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.regen_batch_size,
+            progress_file=args.output / REGEN_FILE,
+        )
+    sequences, counts = tokenize_records(tokenizer, records)
+    if counts["records_without_assistant_tokens"]:
+        message = (
+            f"{counts['records_without_assistant_tokens']} of {counts['records']} records have no assistant tokens "
+            "(a chat whose turns are all the user's or the system's): nothing in them is trained on. Pass "
+            "--regenerate to have the verifier write their replies."
+        )
+        if not counts["trained_tokens"]:
+            raise DataError(f"no tokens to train on: {message}")
+        print(f"warning: {message}")
+    input_ids, loss_mask = pack_blocks(sequences, args.seq_len)
     info = {
         "verifier": args.verifier,
         "source": str(args.input),
-        "records": len(records),
         "regenerated": args.regenerate,
+        **counts,
+        "trained_tokens": int(loss_mask.sum()),  # in the blocks (the tail that fills no block is dropped)
     }
     save_blocks(args.output, input_ids, loss_mask, info)
     print(
@@ -64,6 +94,8 @@ def _family_layer_ids(family: str, verifier: Any) -> list[int]:
 
 
 def _new_draft(family: str, verifier: Any, draft_vocab_size: int | None, speculative_tokens: int = 5) -> Any:
+    """A new `family` draft for `verifier`; EAGLE-3 takes `draft_vocab_size`, or its default (a quarter of the
+    verifier's vocabulary, `Eagle3Speculator.config_from_verifier`)."""
     from ..models import FAMILIES
 
     classes = {config_class.family: model_class for config_class, model_class in FAMILIES}
@@ -76,18 +108,25 @@ def _new_draft(family: str, verifier: Any, draft_vocab_size: int | None, specula
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
     from ..loading import load_draft
     from .data import DraftDataset
     from .losses import select_draft_vocab
-    from .trainer import TrainConfig, train
+    from .trainer import ResumeError, TrainConfig, plan_evaluation, train
 
-    verifier = _load_verifier(args.verifier, args.dtype)
     input_ids, loss_mask = load_blocks(args.data)
-    n_eval = min(args.eval_blocks, input_ids.shape[0] // 10)
+    try:
+        n_blocks, seq_len = input_ids.shape
+        n_eval, prompt_len, notes = plan_evaluation(n_blocks, seq_len, args.eval_blocks, args.eval_prompt_len)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print("\n".join(notes), file=sys.stderr)
+    verifier = _load_verifier(args.verifier, args.dtype)
     train_ids, train_mask = input_ids[: len(input_ids) - n_eval], loss_mask[: len(input_ids) - n_eval]
-    eval_prompts = [
-        input_ids[i : i + 1, : args.eval_prompt_len] for i in range(len(input_ids) - n_eval, len(input_ids))
-    ]
+    eval_prompts = [input_ids[i : i + 1, :prompt_len] for i in range(len(input_ids) - n_eval, len(input_ids))]
     if args.draft:
         draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
     else:
@@ -99,8 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the feature cache covers every block; training sees all but the held-out ones
     dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(len(train_ids)))
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
-    config = TrainConfig(output_dir=args.output, **fields)
-    result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
+    config = TrainConfig(output_dir=str(args.output), **fields)
+    try:
+        result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
+    except ResumeError as err:
+        raise SystemExit(f"error: {err}") from None
     print(
         json.dumps(
             {
@@ -118,18 +160,33 @@ def add_parsers(sub: Any) -> None:
     data = sub.add_parser(
         "data",
         help="build training data: tokens, loss mask and (optionally cached) verifier hidden states",
-        description="Tokenize a jsonl dataset ({'text'} | {'messages'} | {'prompt','response'} records) with the "
+        description="Tokenize a jsonl dataset ({'text'} | {'messages'} | {'prompt'[,'response']} records) with the "
         "verifier's chat template, mark assistant tokens for the loss, pack fixed-length blocks, and optionally "
-        "regenerate the responses with the verifier itself and cache its hidden states (resumable shards).",
+        "regenerate the responses with the verifier itself (user-only chats get a reply) and cache its hidden "
+        "states (resumable shards). Without --regenerate, chats without an assistant turn are reported: they "
+        "add nothing to train on.",
     )
-    data.add_argument("--verifier", required=True, help="verifier model id or path")
-    data.add_argument("--tokenizer", help="tokenizer id or path (default: the verifier's)")
-    data.add_argument("--input", required=True, type=Path, help="jsonl file")
-    data.add_argument("--output", required=True, type=Path, help="output folder")
-    data.add_argument("--limit", type=int, help="use the first N records")
-    data.add_argument("--seq-len", type=int, default=512, help="tokens per training block")
-    data.add_argument("--regenerate", action="store_true", help="replace assistant replies by the verifier's own")
-    data.add_argument("--max-new-tokens", type=int, default=256, help="length of regenerated replies")
+    data.add_argument("--verifier", required=True, type=model_ref, help="verifier model id or path")
+    data.add_argument("--tokenizer", type=model_ref, help="tokenizer id or path (default: the verifier's)")
+    data.add_argument("--input", required=True, type=existing_file, help="jsonl file")
+    data.add_argument("--output", required=True, type=new_dir, help="output folder")
+    data.add_argument("--limit", type=positive_int, help="use the first N records")
+    data.add_argument("--seq-len", type=positive_int, default=512, help="tokens per training block")
+    data.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="replace assistant replies by the verifier's own (greedy), and add one to chats that end without "
+        f"one (user-only prompts); done in batches, saved as it goes to OUTPUT/{REGEN_FILE}, so rerunning the "
+        "same command resumes",
+    )
+    data.add_argument("--max-new-tokens", type=positive_int, default=256, help="length of regenerated replies")
+    data.add_argument(
+        "--regen-batch-size",
+        type=positive_int,
+        default=REGEN_BATCH_SIZE,
+        help=f"records per generate() call when regenerating (default {REGEN_BATCH_SIZE}, sized for a CPU; "
+        "a GPU takes 64 or more)",
+    )
     data.add_argument("--cache-features", action="store_true", help="compute and store verifier hidden states now")
     data.add_argument("--family", default="eagle3", help="draft family whose hidden states to cache")
     data.add_argument("--layers", help="explicit hidden-state ids to cache, e.g. 2,16,29")
@@ -144,25 +201,44 @@ def add_parsers(sub: Any) -> None:
         "--config_file examples/accelerate/<setup>.yaml -m speculators_hf.cli train ...` to scale out. "
         "Resumes from the last checkpoint in --output unless --no-resume.",
     )
-    tr.add_argument("--verifier", required=True, help="verifier model id or path")
-    tr.add_argument("--data", required=True, type=Path, help="folder written by `speculators-hf data`")
-    tr.add_argument("--output", required=True, help="output folder (checkpoints/, final/)")
+    tr.add_argument("--verifier", required=True, type=model_ref, help="verifier model id or path")
+    tr.add_argument("--data", required=True, type=existing_dir, help="folder written by `speculators-hf data`")
+    tr.add_argument("--output", required=True, type=new_dir, help="output folder (checkpoints/, final/)")
     tr.add_argument("--family", default="eagle3", help="eagle3 | independent | ... (new draft)")
-    tr.add_argument("--draft", help="continue from an existing draft checkpoint instead of a new one")
-    tr.add_argument("--draft-vocab-size", type=int, help="EAGLE-3 draft vocabulary (most frequent targets)")
-    tr.add_argument("--speculative-tokens", type=int, default=5, help="default draft length saved in the config")
-    tr.add_argument("--features", type=Path, help="feature cache folder (default: computed on the fly)")
-    tr.add_argument("--steps", type=int)
-    tr.add_argument("--batch-size", dest="batch_size", type=int)
-    tr.add_argument("--grad-accum", dest="grad_accum", type=int)
-    tr.add_argument("--lr", dest="learning_rate", type=float)
-    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    tr.add_argument("--ttt-steps", dest="ttt_steps", type=int, help="EAGLE-3 training-time-test steps (default 7)")
-    tr.add_argument("--save-every", dest="save_every", type=int)
-    tr.add_argument("--eval-every", dest="eval_every", type=int)
-    tr.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for the acceptance evaluation")
-    tr.add_argument("--eval-prompt-len", type=int, default=32, help="prompt tokens taken from each held-out block")
+    tr.add_argument("--draft", type=model_ref, help="continue from an existing draft checkpoint instead of a new one")
+    tr.add_argument(
+        "--draft-vocab-size",
+        type=positive_int,
+        help="EAGLE-3 draft vocabulary: the N most frequent targets of the data (default: a quarter of the "
+        "verifier's vocabulary, rounded up to a multiple of 64, e.g. 32064 of Llama 3's 128256; measured in "
+        "benchmarks/draft_vocab.py)",
+    )
+    tr.add_argument(
+        "--speculative-tokens", type=positive_int, default=5, help="default draft length saved in the config"
+    )
+    tr.add_argument("--features", type=existing_dir, help="feature cache folder (default: computed on the fly)")
+    tr.add_argument("--steps", type=positive_int)
+    tr.add_argument("--batch-size", dest="batch_size", type=positive_int)
+    tr.add_argument("--grad-accum", dest="grad_accum", type=positive_int)
+    tr.add_argument("--lr", dest="learning_rate", type=positive_float)
+    tr.add_argument("--warmup-steps", dest="warmup_steps", type=non_negative_int)
+    tr.add_argument(
+        "--ttt-steps", dest="ttt_steps", type=positive_int, help="EAGLE-3 training-time-test steps (default 7)"
+    )
+    tr.add_argument("--save-every", dest="save_every", type=positive_int)
+    tr.add_argument("--eval-every", dest="eval_every", type=non_negative_int)
+    tr.add_argument(
+        "--eval-blocks",
+        type=non_negative_int,
+        default=16,
+        help="held-out blocks for the acceptance evaluation (at most a tenth of the data; 0: none)",
+    )
+    tr.add_argument(
+        "--eval-prompt-len", type=positive_int, default=32, help="prompt tokens taken from each held-out block"
+    )
     tr.add_argument("--seed", type=int)
     tr.add_argument("--dtype", default="auto", help="verifier dtype")
-    tr.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    tr.add_argument(
+        "--no-resume", action="store_true", help="start over even if checkpoints exist (deletes them from --output)"
+    )
     tr.set_defaults(func=cmd_train)

@@ -59,10 +59,10 @@ from pydantic import (
     ValidationError,
 )
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..generation.capture import verifier_hidden_states
 from ..generation.stats import GenerationStats
+from ..progress import Progress
 from .data import DraftDataset
 from .losses import loss_for
 
@@ -282,7 +282,9 @@ def train(
             accelerator.print(f"step {step}: acceptance length tau={stats.tau:.3f}")
 
     n = len(dataset)
-    progress = _Progress(accelerator.is_main_process, start, config.steps, f"training {family} draft")
+    progress = Progress(
+        config.steps, f"training {family} draft", "step", enabled=accelerator.is_main_process, initial=start
+    )
     t0 = time.perf_counter() - elapsed  # `seconds` counts the training time of earlier runs too
     for step in range(start, config.steps):
         for micro in range(config.grad_accum):
@@ -321,7 +323,11 @@ def train(
             if accelerator.is_main_process:
                 with open(output / LOG_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
-        progress.update(done, metrics, line=done % config.log_every == 0 or done == config.steps)
+        progress.update(
+            1,
+            f"loss {metrics['loss']:.4f}, acc {metrics.get('acc_0', 0):.2f}",
+            line=done % config.log_every == 0 or done == config.steps,
+        )
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
             evaluate(done)
         if not sharded and (done % config.save_every == 0 or done == config.steps):
@@ -350,34 +356,6 @@ def train(
 # --------------------------------------------------------------------------------------------------
 # progress
 # --------------------------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on a terminal; when stderr is not one (a log file, a pipe) tqdm would stay silent, so a
-    plain line every `log_every` steps instead: step/total, loss, steps/s of this run, ETA."""
-
-    def __init__(self, main: bool, start: int, total: int, desc: str):
-        self.plain = main and not sys.stderr.isatty()
-        self.start, self.total, self.t0 = start, total, time.perf_counter()
-        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not main or self.plain)
-
-    def update(self, done: int, metrics: dict[str, float], line: bool) -> None:
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('acc_0', 0):.2f}")
-        self.bar.update(1)
-        if self.plain and line:
-            rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            minutes, seconds = divmod(round(eta), 60)
-            hours, minutes = divmod(minutes, 60)
-            print(
-                f"step {done}/{self.total} ({100 * done / self.total:.0f}%) loss {metrics['loss']:.4f} "
-                f"{rate:.2f} steps/s ETA {hours}:{minutes:02d}:{seconds:02d}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _say(accelerator: Any, message: str) -> None:
     """A notice about the run, once (main process), on stderr: stdout stays for results."""
     if accelerator.is_main_process:
