@@ -94,8 +94,17 @@ def main() -> None:
     median = {side: statistics.median(t) for side, t in totals.items()}
     from speculators_hf.bench import machine_description
 
+    def commit(src: str) -> str:
+        """The checkout's commit, with "+changes" when its work tree differs from it."""
+        git = ["git", "-C", str(Path(src).resolve().parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True).stdout
+        return head + ("+changes" if dirty.strip() else "")
+
     result = {
         "machine": machine_description(),
+        "a_commit": commit(args.a),
+        "b_commit": commit(args.b),
         "a": args.a, "b": args.b, "family": args.family, "k": args.k, "own_loop": args.own_loop,
         "prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "seconds_a": totals["A"], "seconds_b": totals["B"], "median_a": median["A"], "median_b": median["B"],

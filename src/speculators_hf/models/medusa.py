@@ -141,12 +141,13 @@ class MedusaSpeculator(HeadsSpeculator):
         valid: torch.Tensor,
         features: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head on the verifier state before each row's newest token; a node at depth d draws its
-        children from head d, whichever its parent (the heads never see drafted tokens)."""
+        """Head 0 on the verifier state before each row's newest token. A node at depth d draws its children
+        from head d, whichever its parent (the heads never see drafted tokens): `tree_expand` runs head d on
+        the same state once, when the round first reaches depth d, so a round runs only the heads it uses."""
         hidden = gather_rows(features[0], last_valid(valid))[:, None]  # [B, 1, H]
-        logits = self(hidden)[:, :, 0]  # [heads, B, V]
-        state.tensors["heads"] = logits.transpose(0, 1)  # [B, heads, V], for this round
-        return expand_draft_vocab(logits[0], None, self.config.vocab_size), hidden.new_zeros(hidden.shape[0], 0)
+        state.tensors = {"hidden": hidden}  # this round's state; head logits are added as depths are reached
+        logits = self.head_logits(0, hidden)[:, 0]
+        return expand_draft_vocab(logits, None, self.config.vocab_size), hidden.new_zeros(hidden.shape[0], 0)
 
     def tree_expand(
         self,
@@ -157,8 +158,11 @@ class MedusaSpeculator(HeadsSpeculator):
         depth: int,
         block: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = state.tensors["heads"][:, depth, None].expand(-1, tokens.shape[1], -1)
-        return expand_draft_vocab(logits, None, self.config.vocab_size), handles
+        key = f"head_{depth}"
+        if key not in state.tensors:
+            logits = self.head_logits(depth, state.tensors["hidden"])[:, 0]
+            state.tensors[key] = expand_draft_vocab(logits, None, self.config.vocab_size)  # [B, V]
+        return state.tensors[key][:, None].expand(-1, tokens.shape[1], -1), handles
 
     # -- creation from a verifier --------------------------------------------------------------------
     @classmethod
