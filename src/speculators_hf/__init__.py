@@ -6,12 +6,12 @@ AutoModel and AutoModelForCausalLM.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from .config import SpeculatorConfig, SpeculatorConfigError
 from .generation import GenerationStats, SpeculativeOutput, TreeSpec, VerifierBindingError, generate
 from .hub import ModelCardInputError, VerifierReferenceError, create_model_card, push_to_hub
-from .loading import AutoSpeculatorForCausalLM, load_draft
+from .loading import AutoSpeculatorForCausalLM, load_draft, register_family
 from .models import (
     FAMILIES,
     Eagle3Speculator,
@@ -35,9 +35,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 AutoConfig.register(SpeculatorConfig.model_type, SpeculatorConfig, exist_ok=True)
-for _config_class, _model_class in FAMILIES:
-    AutoModel.register(_config_class, _model_class, exist_ok=True)
-    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+for _model_class in list(FAMILIES.values()):
+    register_family(_model_class)
 
 __all__ = [
     "AutoSpeculatorForCausalLM",
@@ -67,4 +66,5 @@ __all__ = [
     "is_speculator",
     "load_draft",
     "push_to_hub",
+    "register_family",
 ]

@@ -13,10 +13,11 @@ packages, never `speculators_hf` itself.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -26,6 +27,7 @@ from pydantic import (
     PositiveInt,
     StrictInt,
     ValidationError,
+    create_model,
     model_validator,
 )
 from transformers import AutoConfig, PretrainedConfig
@@ -222,8 +224,8 @@ class SpeculatorConfig(PretrainedConfig):
     model_type = MODEL_TYPE
     # Family name in `speculators_model_type`; set by subclasses.
     family: ClassVar[str] = ""
-    # pydantic model validating the family's flat fields (same names as the dataclass fields).
-    fields_schema: ClassVar[type[BaseModel] | None] = None
+    # The family's model class name, the default `architectures` (set by `models.base.family`).
+    model_class_name: ClassVar[str] = ""
     families: ClassVar[dict[str, type[SpeculatorConfig]]] = {}
 
     speculators_model_type: str = ""
@@ -239,7 +241,31 @@ class SpeculatorConfig(PretrainedConfig):
         if self.speculators_config is None:
             self.speculators_config = default_speculators_config(self.family or self.speculators_model_type)
         self.speculators_config.setdefault("verifier", {}).update(fingerprint)
+        if not self.architectures and self.model_class_name:
+            self.architectures = [self.model_class_name]
         self.validate_speculator()
+
+    # -- the family's own fields: declared once, as annotated dataclass fields ------------------------
+    @classmethod
+    def fields_schema(cls) -> type[BaseModel] | None:
+        """The pydantic model of the fields this family's config class declares, derived from their
+        annotations and defaults (`draft_vocab_size: VocabSize = 32000`): each field is declared once, and
+        its type and bounds validate config.json. None for a class that declares no fields."""
+        if "_fields_schema" not in cls.__dict__:
+            fields: dict[str, Any] = {}
+            for name, hint in inspect.get_annotations(cls, eval_str=True).items():  # the class's own annotations
+                if name.startswith("_") or get_origin(hint) is ClassVar:
+                    continue
+                fields[name] = (hint, cls.__dict__.get(name, getattr(cls, name, None)))
+            config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+            schema = create_model(f"{cls.__name__}Fields", __config__=config, **fields) if fields else None
+            cls._fields_schema = schema  # type: ignore[attr-defined]
+        return cls.__dict__["_fields_schema"]
+
+    def check_fields(self) -> list[str]:
+        """Rules that relate several fields (each field's own type and bounds are in its annotation): one
+        line per problem, `  field: what is wrong and what is expected`. Families override it."""
+        return []
 
     # -- validation --------------------------------------------------------------------------------
     def validate_speculator(self) -> None:
@@ -254,13 +280,16 @@ class SpeculatorConfig(PretrainedConfig):
             self.speculators_config = block.model_dump(mode="json", exclude_none=False)
         except ValidationError as err:
             problems.append(format_validation_error(err, "speculators_config"))
-        if self.fields_schema is not None:
-            values = {name: getattr(self, name) for name in self.fields_schema.model_fields}
+        schema = self.fields_schema()
+        if schema is not None:
+            values = {name: getattr(self, name) for name in schema.model_fields}
             values = {k: (v.to_dict() if isinstance(v, PretrainedConfig) else v) for k, v in values.items()}
             try:
-                self.fields_schema.model_validate(values)
+                schema.model_validate(values)
             except ValidationError as err:
                 problems.append(format_validation_error(err))
+        if not problems:
+            problems += self.check_fields()
         limit = self.max_speculative_tokens
         if not problems and limit is not None and self.speculative_tokens > limit:
             problems.append(
@@ -298,12 +327,20 @@ class SpeculatorConfig(PretrainedConfig):
 
     @speculative_tokens.setter
     def speculative_tokens(self, value: int) -> None:
+        """Set the default draft length; a value out of bounds (or not an integer) is refused, naming the field,
+        and leaves the config as it was."""
         assert self.speculators_config is not None
         default = self.speculators_config["default_proposal_method"]
-        for method in self.speculators_config["proposal_methods"]:
-            if method["proposal_type"] == default:
-                method["speculative_tokens"] = int(value)
-        self.validate_speculator()
+        methods = [m for m in self.speculators_config["proposal_methods"] if m["proposal_type"] == default]
+        previous = [m["speculative_tokens"] for m in methods]
+        for method in methods:
+            method["speculative_tokens"] = value
+        try:
+            self.validate_speculator()
+        except SpeculatorConfigError:
+            for method, old in zip(methods, previous):
+                method["speculative_tokens"] = old
+            raise
 
     # The verifier's token space, as transformers' assisted generation and `pipeline` compare it.
     vocab_size = property(
@@ -358,12 +395,6 @@ class SpeculatorConfig(PretrainedConfig):
         # vLLM and `speculators` read fields whose defaults differ from ours (e.g. vLLM assumes
         # norm_before_residual=True when absent), so a saved config is always complete.
         return self.to_dict()
-
-    @classmethod
-    def register_family(cls, config_class: type[SpeculatorConfig]) -> type[SpeculatorConfig]:
-        """Class decorator: make `speculators_model_type == config_class.family` load as `config_class`."""
-        cls.families[config_class.family] = config_class
-        return config_class
 
 
 def default_speculators_config(algorithm: str, speculative_tokens: int = 5) -> dict[str, Any]:

@@ -85,7 +85,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, validate_repo_id
 
 from .config import FINGERPRINT_FIELDS
-from .models.base import SpeculatorModel, is_speculator
+from .models.base import FAMILIES, SpeculatorModel, is_speculator
 from .models.checkpoint import CHECKPOINT_FILES, matches
 
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
@@ -132,53 +132,18 @@ class ModelCardInputError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------
-# what the card says about each family
+# what the card says about each family: declared by the family's model class (`title`, `card_details`)
 # -------------------------------------------------------------------------------------------------
-FAMILY_TITLES = {
-    "eagle3": "EAGLE-3",
-    "eagle": "EAGLE",
-    "medusa": "Medusa",
-    "mlp_speculator": "MLP speculator",
-    "independent": "independent draft LM",
-}
-# (label, config key) of the flat fields worth a line in the card, per family.
-FAMILY_DETAILS: dict[str, tuple[tuple[str, str], ...]] = {
-    "eagle3": (
-        ("verifier hidden states read (`eagle_aux_hidden_state_layer_ids`)", "eagle_aux_hidden_state_layer_ids"),
-        ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),
-        ("verifier hidden size (`target_hidden_size`)", "target_hidden_size"),
-        ("`norm_before_residual`", "norm_before_residual"),
-    ),
-    "eagle": (
-        ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),
-        ("fc bias (`fc_bias`)", "fc_bias"),
-        ("`norm_before_residual`", "norm_before_residual"),
-    ),
-    "medusa": (
-        ("heads (`medusa_num_heads`)", "medusa_num_heads"),
-        ("residual blocks per head (`medusa_num_layers`)", "medusa_num_layers"),
-    ),
-    "mlp_speculator": (
-        ("stages (`n_predict`)", "n_predict"),
-        ("input width (`emb_dim`)", "emb_dim"),
-        ("inner width (`inner_dim`, 0 = `emb_dim`)", "inner_dim"),
-        ("`tie_weights`", "tie_weights"),
-        ("`scale_input`", "scale_input"),
-    ),
-    "independent": (),
-}
+def family_title(family: str) -> str:
+    """The family's name in cards and commit messages (its model class's `title`), or the family id."""
+    model_class = FAMILIES.get(family)
+    return (model_class.title if model_class is not None else "") or family
 
 
 def vllm_tensor_name(family: str, name: str) -> str:
-    """The name tensor `name` of a `family` draft has in the checkpoint vLLM (or `speculators`) loads.
-
-    eagle3: vLLM reads this checkpoint as is. mlp_speculator and medusa: the same names (vLLM strips the
-    `speculator.` prefix of the fms-extras copies; our Medusa tensors carry vLLM's Medusa names).
-    independent: the inner LM's own checkpoint, without the `model.` prefix.
-    """
-    if family == "independent" and name.startswith("model."):
-        return name[len("model.") :]
-    return name
+    """The name tensor `name` of a `family` draft has in the checkpoint vLLM (or `speculators`) loads."""
+    model_class = FAMILIES.get(family)
+    return model_class.vllm_tensor_name(name) if model_class is not None else name
 
 
 # -------------------------------------------------------------------------------------------------
@@ -432,7 +397,9 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
 
     fingerprint = [(name, verifier.get(name)) for name in (*FINGERPRINT_FIELDS, "tokenizer_hash")]
     details = [
-        (label, config[key]) for label, key in FAMILY_DETAILS.get(family, ()) if config.get(key) not in (None, "")
+        (label, config[key])
+        for label, key in (FAMILIES[family].card_details if family in FAMILIES else ())
+        if config.get(key) not in (None, "")
     ]
     layer_config = config.get("transformer_layer_config") or config.get("draft_model_config")
     if isinstance(layer_config, Mapping) and layer_config.get("model_type"):
@@ -449,7 +416,7 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
         "mark": GENERATED_MARK,
         "inputs_comment": _json_comment(embedded),
         "family": family,
-        "family_title": FAMILY_TITLES.get(family, family),
+        "family_title": family_title(family),
         "algorithm": algorithm,
         "architectures": list(config.get("architectures") or []),
         "repo_id": repo_id,
@@ -742,7 +709,7 @@ def push_to_hub(
         return api.create_commit(
             repo_id,
             operations,
-            commit_message=commit_message or f"Upload {FAMILY_TITLES.get(family, family)} draft for {verifier_name}",
+            commit_message=commit_message or f"Upload {family_title(family)} draft for {verifier_name}",
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,

@@ -9,13 +9,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from .config import SpeculatorConfig
-from .models import FAMILIES, SpeculatorModel
+from .models import FAMILIES, SpeculatorModel, family
 from .models.checkpoint import recover_interrupted_save
 
-_MODEL_FOR_CONFIG = {config_class: model_class for config_class, model_class in FAMILIES}
+
+def register_family(model_class: type[SpeculatorModel]) -> type[SpeculatorModel]:
+    """Add a draft family (a `SpeculatorModel` subclass and its `config_class`): it joins the registry every table
+    is built from (`models.base.family`: config dispatch, loading, `--family`, training, model cards) and
+    transformers' AutoModel / AutoModelForCausalLM, so it loads and trains like the built-in families.
+    Usable as a class decorator."""
+    family(model_class)
+    AutoModel.register(model_class.config_class, model_class, exist_ok=True)
+    AutoModelForCausalLM.register(model_class.config_class, model_class, exist_ok=True)
+    return model_class
 
 
 def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorModel:
@@ -31,7 +40,7 @@ def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorMode
         k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
     }
     config = SpeculatorConfig.from_pretrained(name_or_path, **hub_kwargs)
-    model_class: Any = _MODEL_FOR_CONFIG[type(config)]
+    model_class: Any = FAMILIES[config.speculators_model_type]
     return model_class.from_pretrained(name_or_path, config=config, **kwargs)
 
 

@@ -103,7 +103,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(setup, tmp_path):
     torch.manual_seed(1)
     interrupted = new_eagle3(verifier, ids, mask)
     calls = {"n": 0}
-    original = sh.training.losses.LOSSES["eagle3"]
+    original = sh.Eagle3Speculator.training_loss
 
     def crash_after_5_steps(*args, **kwargs):
         calls["n"] += 1
@@ -111,12 +111,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(setup, tmp_path):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    sh.training.losses.LOSSES["eagle3"] = crash_after_5_steps
+    sh.Eagle3Speculator.training_loss = crash_after_5_steps
     try:
         with pytest.raises(KeyboardInterrupt):
             train(interrupted, verifier, DraftDataset(ids, mask), TrainConfig(output_dir=str(tmp_path / "b"), **config))
     finally:
-        sh.training.losses.LOSSES["eagle3"] = original
+        sh.Eagle3Speculator.training_loss = original
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-3"]
 
     torch.manual_seed(123)  # a different process state: everything needed comes from the checkpoint

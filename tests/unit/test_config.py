@@ -59,9 +59,9 @@ def test_defaults_are_written_even_when_default(tmp_path):
     assert saved["model_type"] == "speculators"
 
 
-@pytest.mark.parametrize("config_class", [c for c, _ in FAMILIES])
+@pytest.mark.parametrize("config_class", [m.config_class for m in FAMILIES.values()])
 def test_autoconfig_dispatches_on_speculators_model_type(tmp_path, config_class):
-    model_class = dict(FAMILIES)[config_class]
+    model_class = FAMILIES[config_class.family]
     config = model_class.config_for(make_verifier())
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
@@ -154,9 +154,14 @@ def test_speculative_tokens_round_trip():
         config.speculative_tokens = 0
 
 
-def test_pydantic_schema_matches_dataclass_fields():
-    """Each family declares its flat fields twice (transformers dataclass + pydantic schema): keep them equal."""
-    for config_class, _ in FAMILIES:
-        schema = config_class.fields_schema
+def test_each_field_is_declared_once_and_its_annotation_validates_it():
+    """A family's schema is derived from its config class's own dataclass fields (declared once, annotated with
+    their bounds): the schema has exactly those fields, and a value breaking an annotation is refused."""
+    for config_class in (m.config_class for m in FAMILIES.values()):
+        schema = config_class.fields_schema()
         own = {name for name in config_class.__dataclass_fields__ if name not in SpeculatorConfig.__dataclass_fields__}
         assert own == set(schema.model_fields), config_class
+    with pytest.raises(SpeculatorConfigError, match=r"draft_vocab_size: Input should be greater than 0"):
+        sh.Eagle3SpeculatorConfig(draft_vocab_size=0)
+    with pytest.raises(SpeculatorConfigError, match=r"medusa_num_heads: Input should be less than or equal to 64"):
+        sh.MedusaSpeculatorConfig(medusa_num_heads=65)

@@ -396,7 +396,7 @@ def test_research_golden_from_the_original_code(tmp_path):
     out = convert(source, tmp_path / "out", verifier=verifier)  # a loaded model works as the verifier too
     assert tree_hash(source) == before
     with torch.no_grad():
-        got = sh.load_draft(out)(golden["input_ids"], golden["aux"])
+        got = sh.load_draft(out)(golden["input_ids"], golden["aux"]).logits
     torch.testing.assert_close(got, golden["draft_logits"], rtol=1e-5, atol=1e-5)
 
     config = json.loads((out / "config.json").read_text())  # the golden data does see the RoPE base
@@ -404,7 +404,7 @@ def test_research_golden_from_the_original_code(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with torch.no_grad():
         assert not torch.allclose(
-            sh.load_draft(out)(golden["input_ids"], golden["aux"]), golden["draft_logits"], atol=1e-3
+            sh.load_draft(out)(golden["input_ids"], golden["aux"]).logits, golden["draft_logits"], atol=1e-3
         )
 
 
@@ -514,7 +514,7 @@ def test_speculators_golden_written_by_the_speculators_library(tmp_path):
     assert draft.config.norm_before_residual is True and draft.config.eagle_aux_hidden_state_layer_ids == [1, 4, 6]
     with torch.no_grad():
         for k in range(len(golden["tokens"])):
-            got = draft(golden["tokens"][k : k + 1, None], golden["aux"][k : k + 1])[0, 0]
+            got = draft(golden["tokens"][k : k + 1, None], golden["aux"][k : k + 1]).logits[0, 0]
             torch.testing.assert_close(got, golden["draft_logits"][k], rtol=1e-5, atol=1e-5)
     exported = convert(out, tmp_path / "exported", to="speculators")
     original, again = load_file(source / "model.safetensors"), load_file(exported / "model.safetensors")
@@ -686,7 +686,8 @@ def test_shape_dtype_vocab_and_verifier_mismatches(tmp_path, verifier_dir):
     other_vocab = tmp_path / "other_vocab"
     make_verifier(num_hidden_layers=8, vocab_size=128).save_pretrained(other_vocab)
     with pytest.raises(
-        ConversionError, match=r"vocab_size: the draft was made for a vocabulary of 96 tokens, the verifier has 128"
+        ConversionError,
+        match=r"vocab_size: the EAGLE-3 draft was made for a vocabulary of 96 tokens, the verifier has 128",
     ):
         convert(src, tmp_path / "out", verifier=str(other_vocab))
     other_hidden = tmp_path / "other_hidden"

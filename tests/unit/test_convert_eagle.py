@@ -149,7 +149,7 @@ def test_research_eagle(tmp_path, verifier, verifier_dir, style):
     want_features, want_logits = draft_by_hand(sd, head, tokens, features, eps, theta)
     draft.bind_verifier(verifier)
     with torch.no_grad():
-        got = draft(tokens[None], features[None])
+        got = draft(tokens[None], features[None]).hidden_states
         torch.testing.assert_close(got[0], want_features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(draft.logits(got)[0], want_logits, rtol=1e-5, atol=1e-5)
 
@@ -259,5 +259,5 @@ def test_golden_from_the_original_code(tmp_path):
     assert tree_hash(GOLDEN) == before
     draft = sh.load_draft(out)
     with torch.no_grad():
-        got = draft(golden["input_ids"], golden["hidden_states"])
+        got = draft(golden["input_ids"], golden["hidden_states"]).hidden_states
     torch.testing.assert_close(got, golden["draft_features"], rtol=1e-5, atol=1e-5)

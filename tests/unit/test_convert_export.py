@@ -91,7 +91,7 @@ def test_repo_id_fills_the_card_and_an_unknown_one_is_said_in_words(trained, tmp
 
 @pytest.mark.parametrize("family", ["eagle", "medusa", "mlp_speculator", "independent"])
 def test_no_family_card_shows_a_placeholder_command(family):
-    draft_class = {c.family: m for c, m in sh.models.FAMILIES}[family]
+    draft_class = sh.models.FAMILIES[family]
     verifier = make_verifier()
     verifier.name_or_path = "org/tiny-verifier"
     text = str(hub.create_model_card(draft_class.from_verifier(verifier)))

@@ -100,7 +100,7 @@ def check_parity(draft, verifier, src, heads, layers, prefix="", tol=1e-5):
         with torch.no_grad():
             hidden = verifier.model(ids[:, :-1]).last_hidden_state[0, -1]
             want = medusa_logits(src, hidden, heads, layers, prefix)
-            got_all = draft(hidden[None, None])[:, 0, 0]
+            got_all = draft(hidden[None, None]).logits[:, 0, 0]
         assert drafted[0].tolist() == [int(w.argmax()) for w in want]
         for i in range(heads):
             torch.testing.assert_close(scores[i][0].float(), want[i].float(), rtol=tol, atol=tol)

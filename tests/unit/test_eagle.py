@@ -112,7 +112,7 @@ def test_steps_by_hand(fc_bias):
 
     want_features, want_logits = draft_by_hand(sd, head, tokens, features, eps, theta)
     with torch.no_grad():
-        got_features = draft(tokens[None], features[None])
+        got_features = draft(tokens[None], features[None]).hidden_states
         got_logits = draft.logits(got_features)
     torch.testing.assert_close(got_features[0], want_features, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_logits[0], want_logits, rtol=1e-5, atol=1e-5)
@@ -137,13 +137,13 @@ def test_embedding_comes_first_and_fc_bias_is_used():
     draft = perturbed(EagleSpeculator.from_verifier(verifier))
     tokens, features = torch.randint(3, V, (1, 4)), torch.randn(1, 4, H)
     with torch.no_grad():
-        reference = draft(tokens, features)
+        reference = draft(tokens, features).hidden_states
         w = draft.fc.weight.clone()
         draft.fc.weight.copy_(torch.cat([w[:, H:], w[:, :H]], 1))
-        assert not torch.allclose(draft(tokens, features), reference, atol=1e-3)
+        assert not torch.allclose(draft(tokens, features).hidden_states, reference, atol=1e-3)
         draft.fc.weight.copy_(w)
         draft.fc.bias.zero_()
-        assert not torch.allclose(draft(tokens, features), reference, atol=1e-3)
+        assert not torch.allclose(draft(tokens, features).hidden_states, reference, atol=1e-3)
 
 
 def test_reads_the_verifiers_post_norm_last_hidden_state():
@@ -166,7 +166,9 @@ def test_unrolled_training_steps_match_generation():
     (features,) = verifier_features(verifier, ids, draft.verifier_layer_ids())
     with torch.no_grad():
         unrolled = draft.unrolled_features(ids, features, steps=3)
-        torch.testing.assert_close(unrolled[0][:, :-1], draft(ids[:, 1:], features[:, :-1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            unrolled[0][:, :-1], draft(ids[:, 1:], features[:, :-1]).hidden_states, rtol=1e-5, atol=1e-5
+        )
 
     for t in (0, 4, 7):
         prefix = ids[:, : t + 2]  # positions 0..t verified, x_{t+1} is the newest token
@@ -205,8 +207,8 @@ def test_config_round_trip(tmp_path, fc_bias):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"num_hidden_layers": 2}, "num_hidden_layers must be 1"),
-        ({"model_type": "gpt2"}, r"model_type must be one of \['llama', 'mistral', 'qwen2', 'qwen3'\]"),
+        ({"num_hidden_layers": 2}, "num_hidden_layers: must be 1"),
+        ({"model_type": "gpt2"}, r"model_type: must be one of \['llama', 'mistral', 'qwen2', 'qwen3'\]"),
     ],
 )
 def test_bad_layer_config_is_an_error_naming_the_field(tmp_path, change, message):
@@ -245,10 +247,10 @@ def test_verifier_head_is_referenced_not_owned():
     draft.to(torch.float32)
     ids, features = torch.randint(3, V, (1, 3)), torch.randn(1, 3, H)
     with torch.no_grad():
-        draft.logits(draft(ids, features))
+        draft.logits(draft(ids, features).hidden_states)
     draft.unbind_verifier()
     with pytest.raises(VerifierBindingError, match=r"bind_verifier\(verifier\)"), torch.no_grad():
-        draft.logits(draft(ids, features))
+        draft.logits(draft(ids, features).hidden_states)
 
 
 # ------------------------------------------------------------------------------------------------

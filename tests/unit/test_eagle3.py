@@ -63,8 +63,8 @@ def test_one_step_by_hand(norm_before_residual, norm_output):
     logits = rms(out, sd["norm.weight"], eps) @ sd["lm_head.weight"].T
 
     with torch.no_grad():
-        got = draft(token, aux)
-        fed_back, _ = draft.step(token, draft.project(aux), torch.tensor([0]))
+        got = draft(token, aux).logits
+        fed_back = draft.advance(token, draft.project(aux), torch.tensor([0]))
     torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fed_back, rms(out, sd["norm.weight"], eps) if norm_output else out)
 

@@ -62,7 +62,7 @@ def draft_source(family: str):
     """A real, untrained draft of `family` for the named verifier."""
     if family == "eagle3":
         return sh.Eagle3Speculator.from_verifier(named_verifier(), draft_vocab_size=64)
-    registered = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}
+    registered = dict(sh.models.FAMILIES)
     return registered[family].from_verifier(named_verifier())
 
 
@@ -96,7 +96,7 @@ def test_card_renders_for_every_family(family, tmp_path):
     assert hub.template_name(family) == f"{family}.md.j2"
     body = card.text
     assert hub.is_generated_card(text) and hub.GENERATED_MARK in text
-    assert hub.FAMILY_TITLES[family] in body
+    assert hub.family_title(family) in body
     # transformers: the package form, the pipeline form and the remote-code form
     assert f'AutoSpeculatorForCausalLM.from_pretrained("{REPO_ID}"' in body
     assert "assistant_model=draft" in body and 'pipeline("text-generation"' in body

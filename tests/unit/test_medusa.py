@@ -74,7 +74,7 @@ def test_new_draft_starts_as_medusa_does():
     for head in draft.lm_heads:
         assert torch.equal(head.weight, verifier.lm_head.weight)
     hidden = torch.randn(2, 5, HIDDEN)
-    torch.testing.assert_close(draft(hidden)[2], verifier.lm_head(hidden))
+    torch.testing.assert_close(draft(hidden).logits[2], verifier.lm_head(hidden))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_forward_matches_drafting():
     ids = torch.randint(3, VOCAB, (1, 12))
     (features,) = verifier_features(verifier, ids, draft.verifier_layer_ids())
     with torch.no_grad():
-        heads = draft(features)
+        heads = draft(features).logits
     assert heads.shape == (3, 1, 12, VOCAB)
     for t in (0, 4, 7):
         with torch.no_grad():

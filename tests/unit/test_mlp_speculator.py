@@ -193,7 +193,7 @@ def test_teacher_forced_forward_matches_drafting():
     ids = torch.randint(3, VOCAB, (1, 12))
     (features,) = verifier_features(verifier, ids, draft.verifier_layer_ids())
     with torch.no_grad():
-        heads = draft(features, ids)
+        heads = draft(features, ids).logits
     assert heads.shape == (3, 1, 12, VOCAB)
     for t in (0, 4, 7):
         with torch.no_grad():
@@ -359,8 +359,8 @@ def test_tied_checkpoint_needs_one_copy_of_each_shared_tensor(tmp_path):
     "fields, message",
     [
         ({"n_predict": 0}, r"n_predict: Input should be greater than 0 \(got 0\)"),
-        ({"n_predict": 3, "top_k_tokens_per_head": [5, 4]}, "top_k_tokens_per_head needs one entry per head"),
-        ({"n_predict": 1, "tie_weights": True}, "tie_weights needs n_predict >= 2"),
+        ({"n_predict": 3, "top_k_tokens_per_head": [5, 4]}, "top_k_tokens_per_head: needs one entry per head"),
+        ({"n_predict": 1, "tie_weights": True}, "tie_weights: needs n_predict >= 2"),
         ({"n_predict": 2, "inner_dim": -1}, r"inner_dim: Input should be greater than or equal to 0"),
     ],
 )

@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 from conftest import assert_greedy_exact, fresh_proposals, make_prompts, make_verifier
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
@@ -25,21 +24,18 @@ def comparable(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
 
 
+PAIRS = [(m.config_class, m) for m in FAMILIES.values()]  # the built-in families (before the one below)
+
+
 # ------------------------------------------------------------------------------------------------
 # a minimal family, to show that the base class carries the whole contract
 # ------------------------------------------------------------------------------------------------
-class MiniFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hidden_size: int
-
-
-@SpeculatorConfig.register_family
 class SpeculatorTestConfig(SpeculatorConfig):
     family = "test_mlp"
-    fields_schema = MiniFields
     hidden_size: int = 8
 
 
+@sh.register_family
 class SpeculatorTestModel(sh.SpeculatorModel):
     """Predicts token t+2 from the verifier's last hidden state at t and the embedding of token t+1."""
 
@@ -86,10 +82,10 @@ def test_speculator_test_model_forward_and_exact_generation():
 # ------------------------------------------------------------------------------------------------
 # every registered family
 # ------------------------------------------------------------------------------------------------
-FAMILY_IDS = [m.__name__ for _, m in FAMILIES]
+FAMILY_IDS = [m.__name__ for _, m in PAIRS]
 
 
-@pytest.mark.parametrize("config_class, model_class", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("config_class, model_class", PAIRS, ids=FAMILY_IDS)
 def test_reload_and_populate_configs(tmp_path, config_class, model_class):
     config = model_class.config_for(make_verifier())
     assert isinstance(config, config_class)
@@ -100,7 +96,7 @@ def test_reload_and_populate_configs(tmp_path, config_class, model_class):
         assert comparable(loaded) == comparable(config)
 
 
-@pytest.mark.parametrize("config_class, model_class", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("config_class, model_class", PAIRS, ids=FAMILY_IDS)
 def test_reload_and_populate_models(tmp_path, config_class, model_class):
     verifier = make_verifier()
     draft = model_class.from_verifier(verifier)
@@ -127,7 +123,7 @@ def test_reload_and_populate_models(tmp_path, config_class, model_class):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("config_class, model_class", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("config_class, model_class", PAIRS, ids=FAMILY_IDS)
 def test_only_safetensors_and_remote_code_are_written(tmp_path, config_class, model_class):
     model_class.from_verifier(make_verifier()).save_pretrained(tmp_path)
     names = set(os.listdir(tmp_path))
@@ -272,7 +268,7 @@ def test_expand_draft_vocab_maps_ids():
 def test_unexpected_tensor_is_an_error_for_every_family(tmp_path):
     """A tensor the config does not describe would be dropped silently by transformers: refuse it."""
     verifier = make_verifier()
-    for _, model_class in FAMILIES:
+    for model_class in FAMILIES.values():
         folder = tmp_path / model_class.__name__
         model_class.from_verifier(verifier).save_pretrained(folder)
         weights = load_file(folder / "model.safetensors")
@@ -285,7 +281,7 @@ def test_dtype_applies_to_every_family(tmp_path):
     """`dtype=` reaches every weight, also the independent LM built from a nested config that records its
     own dtype (as a trained draft's does)."""
     verifier = make_verifier()
-    for _, model_class in FAMILIES:
+    for model_class in FAMILIES.values():
         folder = tmp_path / model_class.__name__
         draft = model_class.from_verifier(verifier)
         if hasattr(draft.config, "draft_model_config"):

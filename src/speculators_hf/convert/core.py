@@ -38,7 +38,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import MAX_DRAFT_HEADS, MAX_LAYERS_PER_HEAD
+from ..config import MAX_DRAFT_HEADS, MAX_LAYERS_PER_HEAD, SpeculatorConfigError
 from ..models.checkpoint import (
     TensorInfo,
     UnsafeCheckpointError,
@@ -705,10 +705,6 @@ class VerifierRef:
             raise ConversionError(f"cannot read the config of verifier {name!r}: {err}") from err
         return cls(name_or_path=name, config=config, hub_kwargs=kwargs)
 
-    @property
-    def text_config(self) -> Any:
-        return self.config.get_text_config()
-
     def reference(self) -> dict[str, Any]:
         """name_or_path, architectures and the fingerprint, for `speculators_config.verifier`."""
         from ..config import verifier_fingerprint
@@ -814,6 +810,25 @@ def atomic_output(dst: Path) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------------
 # shared by the converters of the non-EAGLE-3 families
 # --------------------------------------------------------------------------------------------------
+def apply_overrides(config: Any, overrides: dict[str, Any], label: str, settable: Collection[str] = ()) -> None:
+    """`--set KEY=VALUE` on a converted config: `speculative_tokens` always, and the flat fields `settable`
+    (those that do not change tensor shapes); each value is validated by the config's own field annotations,
+    and an error names the key, the value and what is expected."""
+    allowed = {"speculative_tokens", *settable}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ConversionError(f"{label}: cannot set {unknown}; settable here: {sorted(allowed)}")
+    try:
+        for key, value in overrides.items():
+            if key == "speculative_tokens":
+                config.speculative_tokens = value
+            else:
+                setattr(config, key, value)
+        config.validate_speculator()
+    except SpeculatorConfigError as err:
+        raise ConversionError(f"{label}: invalid value after --set: {err}") from err
+
+
 def bind_reference(
     config: Any, ctx: Any, label: str, vocab_size: int | None, hidden_size: int | None, what: str = "draft"
 ) -> None:
@@ -863,8 +878,6 @@ def build_model(
     """`model_class(config)` in `dtype` holding exactly `tensors` (every missing, unexpected or misshapen
     tensor is listed in the error, by its source name)."""
     from transformers.initialization import no_init_weights
-
-    from ..config import SpeculatorConfigError
 
     try:
         config.validate_speculator()
@@ -946,7 +959,7 @@ def check_reimport(folder: Path, model: Any, spec: FormatSpec, module: Any, targ
     for name, tensor in ours.items():
         if not same_bits(tensor, theirs[name]):
             raise ConversionError(f"export to {target}: the written tensor for {name} differs from the draft's")
-    schema = type(model.config).fields_schema
+    schema = type(model.config).fields_schema()
     for key in schema.model_fields if schema is not None else ():
         want, got = getattr(model.config, key), getattr(back.config, key)
         if key == "transformer_layer_config":

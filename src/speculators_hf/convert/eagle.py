@@ -28,6 +28,7 @@ from .core import (
     ConversionError,
     FormatSpec,
     Source,
+    apply_overrides,
     bind_reference,
     build_model,
     check_reimport,
@@ -53,11 +54,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> EagleSpecul
         )
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: the converted config is invalid: {err}") from err
-    if "speculative_tokens" in ctx.overrides:
-        config.speculative_tokens = int(ctx.overrides["speculative_tokens"])
-    unknown = sorted(set(ctx.overrides) - {"speculative_tokens"})
-    if unknown:
-        raise ConversionError(f"cannot set {unknown}; settable for EAGLE-1 drafts: ['speculative_tokens']")
+    apply_overrides(config, ctx.overrides, source.label)
 
     tensors, origin = rename_tensors(source.tensors(), spec.tensors, source.label, ctx.log)
     if "fc.bias" in tensors and not config.fc_bias:

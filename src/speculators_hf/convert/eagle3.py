@@ -25,6 +25,8 @@ from .core import (
     ConversionError,
     FormatSpec,
     Source,
+    apply_overrides,
+    bind_reference,
     check_tensors,
     evaluate,
     map_fields,
@@ -70,64 +72,6 @@ def config_from_spec(source: Source, spec: FormatSpec) -> tuple[Eagle3Speculator
 # --------------------------------------------------------------------------------------------------
 # the shared EAGLE-3 assembly
 # --------------------------------------------------------------------------------------------------
-def apply_overrides(config: Eagle3SpeculatorConfig, overrides: dict[str, Any], label: str) -> None:
-    """`--set KEY=VALUE` on our flat fields (and `speculative_tokens`)."""
-    schema = type(config).fields_schema
-    allowed = set(schema.model_fields) - {"transformer_layer_config"} if schema is not None else set()
-    for key, value in overrides.items():
-        if key == "speculative_tokens":
-            config.speculative_tokens = int(value)
-        elif key in allowed:
-            setattr(config, key, value)
-        else:
-            raise ConversionError(f"cannot set {key!r}; settable fields: {sorted(allowed | {'speculative_tokens'})}")
-    try:
-        config.validate_speculator()
-    except SpeculatorConfigError as err:
-        raise ConversionError(f"{label}: invalid value after --set: {err}") from err
-
-
-def bind_reference(config: Eagle3SpeculatorConfig, ctx: Any, label: str) -> None:
-    """Fill the verifier reference from `--verifier` and check it against what the draft was built for."""
-    layer = config.transformer_layer_config
-    if ctx.verifier is None:
-        return
-    ref = ctx.verifier.reference()
-    problems = []
-    if ref["vocab_size"] is not None and ref["vocab_size"] != layer.vocab_size:
-        problems.append(
-            f"vocab_size: the draft was made for a vocabulary of {layer.vocab_size} tokens, the verifier has {ref['vocab_size']}"
-        )
-    if ref["hidden_size"] is not None and ref["hidden_size"] != config.feature_size:
-        problems.append(
-            f"hidden_size: the draft's fc reads verifier states of width {config.feature_size}, the verifier's are {ref['hidden_size']}"
-        )
-    known = config.verifier
-    for name in ("num_hidden_layers", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if known.get(name) is not None and ref.get(name) is not None and known[name] != ref[name]:
-            problems.append(f"{name}: the source names {known[name]!r}, the verifier has {ref[name]!r}")
-    if problems:
-        raise ConversionError(
-            f"{label}: verifier {ctx.verifier.name_or_path or '(loaded model)'} does not match the draft:\n  "
-            + "\n  ".join(problems)
-        )
-    previous = known.get("name_or_path")
-    if previous and ref["name_or_path"] and previous != ref["name_or_path"]:
-        ctx.log(f"verifier: {previous} (from the source) replaced by {ref['name_or_path']}")
-    known.update({k: v for k, v in ref.items() if v is not None})
-
-
-def draft_facts(config: Eagle3SpeculatorConfig) -> None:
-    """Without a verifier, the reference still records what the draft itself requires of one: its
-    vocabulary and the width of the hidden states it reads (transformers' assisted generation compares
-    the vocabulary)."""
-    known = config.verifier
-    if known.get("vocab_size") is None:
-        known["vocab_size"] = config.transformer_layer_config.vocab_size
-    if known.get("hidden_size") is None:
-        known["hidden_size"] = config.feature_size
-
-
 def resolve_aux_layers(config: Eagle3SpeculatorConfig, spec: FormatSpec, label: str, log: Any) -> None:
     layers = config.verifier.get("num_hidden_layers")
     ids = config.eagle_aux_hidden_state_layer_ids
@@ -266,9 +210,11 @@ def finish(
             f"{label}: the checkpoint has no {EMBED} ({spec.embedding.why}); pass --verifier ID_OR_PATH so that the "
             "verifier's input embedding can be copied into the draft"
         )
-    apply_overrides(config, ctx.overrides, label)
-    bind_reference(config, ctx, label)
-    draft_facts(config)
+    schema = type(config).fields_schema()
+    settable = set(schema.model_fields if schema else ()) - {"transformer_layer_config"}
+    apply_overrides(config, ctx.overrides, label, settable)
+    layer = config.transformer_layer_config
+    bind_reference(config, ctx, label, layer.vocab_size, config.feature_size, "EAGLE-3 draft")
     resolve_aux_layers(config, spec, label, ctx.log)
     if aux_from_source is not None and spec.aux_layers is not None and spec.aux_layers.offset:
         ctx.log(

@@ -33,6 +33,7 @@ from .core import (
     ConversionError,
     FormatSpec,
     Source,
+    apply_overrides,
     bind_reference,
     build_model,
     check_reimport,
@@ -102,13 +103,9 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MedusaSpecu
         config = MedusaSpeculatorConfig(
             hidden_size=hidden, medusa_num_heads=heads, medusa_num_layers=layers, **fingerprint
         )
-        if "speculative_tokens" in ctx.overrides:
-            config.speculative_tokens = int(ctx.overrides["speculative_tokens"])
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: the converted config is invalid: {err}") from err
-    unknown = sorted(set(ctx.overrides) - {"speculative_tokens"})
-    if unknown:
-        raise ConversionError(f"cannot set {unknown}; settable for Medusa heads: ['speculative_tokens']")
+    apply_overrides(config, ctx.overrides, source.label)
     _source_reference(config, spec, source, env)
     bind_reference(config, ctx, source.label, vocab, hidden, "Medusa heads")
     return build_model(MedusaSpeculator, config, tensors, origin, dtype, source.label)

@@ -21,6 +21,7 @@ from .core import (
     ConversionError,
     FormatSpec,
     Source,
+    apply_overrides,
     bind_reference,
     build_model,
     check_reimport,
@@ -57,14 +58,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MLPSpeculat
         config = MLPSpeculatorConfig(**fields, **fingerprint)
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: the converted config is invalid: {err}") from err
-    if "speculative_tokens" in ctx.overrides:
-        try:
-            config.speculative_tokens = int(ctx.overrides["speculative_tokens"])
-        except SpeculatorConfigError as err:
-            raise ConversionError(f"{source.label}: invalid --set speculative_tokens: {err}") from err
-    unknown = sorted(set(ctx.overrides) - {"speculative_tokens"})
-    if unknown:
-        raise ConversionError(f"cannot set {unknown}; settable for MLP speculators: ['speculative_tokens']")
+    apply_overrides(config, ctx.overrides, source.label)
     bind_reference(config, ctx, source.label, env["vocab_size"], config.emb_dim, "MLP speculator")
 
     shape_env = {**env, "inner": config.inner_size, "n_predict": config.n_predict}

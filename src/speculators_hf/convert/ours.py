@@ -8,7 +8,7 @@ from typing import Any
 from ..config import SpeculatorConfig, SpeculatorConfigError
 from ..models import FAMILIES
 from ..models.base import SpeculatorLoadError
-from .core import ConversionError, FormatSpec, Source, bind_reference
+from .core import ConversionError, FormatSpec, Source, apply_overrides, bind_reference
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
@@ -16,7 +16,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
         config = SpeculatorConfig.from_dict(source.config)
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: invalid speculators-hf config: {err}") from err
-    model_class = next((m for c, m in FAMILIES if isinstance(config, c)), None)
+    model_class = FAMILIES.get(config.speculators_model_type)
     if model_class is None:
         raise ConversionError(
             f"{source.label}: no model class for speculators_model_type {config.speculators_model_type!r}"
@@ -25,11 +25,7 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
         model = model_class.from_pretrained(source.root, dtype="auto")
     except (SpeculatorLoadError, SpeculatorConfigError, OSError, ValueError) as err:
         raise ConversionError(f"{source.label}: cannot load the checkpoint: {err}") from err
-    if "speculative_tokens" in ctx.overrides:
-        model.config.speculative_tokens = int(ctx.overrides["speculative_tokens"])
-    unknown = sorted(set(ctx.overrides) - {"speculative_tokens"})
-    if unknown:
-        raise ConversionError(f"cannot set {unknown} on an existing {config.speculators_model_type} draft")
+    apply_overrides(model.config, ctx.overrides, source.label)
     if ctx.verifier is not None:
         verifier = model.config.verifier
         bind_reference(model.config, ctx, source.label, verifier.get("vocab_size"), verifier.get("hidden_size"))

@@ -1,22 +1,12 @@
-"""One module per draft architecture; importing this package registers every family."""
+"""One module per draft architecture; importing this package registers every family (`base.family`).
+`FAMILIES` maps `speculators_model_type` to the family's model class."""
 
-from typing import Any
-
-from .base import SpeculatorLoadError, SpeculatorModel, is_speculator
+from .base import FAMILIES, SpeculatorLoadError, SpeculatorModel, family, is_speculator
 from .eagle import EagleSpeculator, EagleSpeculatorConfig
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .independent import IndependentSpeculator, IndependentSpeculatorConfig
 from .medusa import MedusaSpeculator, MedusaSpeculatorConfig
 from .mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
-
-# (config class, model class) of every family, in the order they are documented.
-FAMILIES: list[tuple[Any, Any]] = [
-    (Eagle3SpeculatorConfig, Eagle3Speculator),
-    (EagleSpeculatorConfig, EagleSpeculator),
-    (MedusaSpeculatorConfig, MedusaSpeculator),
-    (MLPSpeculatorConfig, MLPSpeculator),
-    (IndependentSpeculatorConfig, IndependentSpeculator),
-]
 
 __all__ = [
     "FAMILIES",
@@ -32,5 +22,6 @@ __all__ = [
     "MedusaSpeculatorConfig",
     "SpeculatorLoadError",
     "SpeculatorModel",
+    "family",
     "is_speculator",
 ]

@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import ModelOutput
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
@@ -60,6 +62,35 @@ class SpeculatorLoadError(ValueError):
     invalid values (NaN/inf, an out-of-range vocabulary map), or lie outside the checkpoint folder."""
 
 
+@dataclass
+class DraftOutput(ModelOutput):
+    """What a draft's `forward` returns, as transformers' models return a `ModelOutput`: `logits` of the token
+    each position predicts (over the draft's vocabulary; [heads, B, T, V] for head-based drafts, one per head),
+    `hidden_states` [B, T, H] the draft's output states (what the EAGLE families feed back)."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+# Every draft family, by `speculators_model_type`, in the order they were registered (`family`).
+FAMILIES: dict[str, type[SpeculatorModel]] = {}
+
+
+def family(model_class: type[SpeculatorModel]) -> type[SpeculatorModel]:
+    """Class decorator: make `model_class` (with its `config_class`) a draft family. Everything else reads the
+    registry: AutoConfig's dispatch on `speculators_model_type`, the Auto classes (`speculators_hf.register_family`),
+    loading, the CLI's `--family`, training (`training_loss`), model cards (`title`, `card_details`) and the
+    vLLM tensor names (`vllm_tensor_name`). Nothing outside the family's module and its converter names it."""
+    config_class = model_class.config_class
+    name = config_class.family
+    if not name:
+        raise ValueError(f"{config_class.__name__} has no `family` (its speculators_model_type)")
+    config_class.model_class_name = model_class.__name__
+    SpeculatorConfig.families[name] = config_class
+    FAMILIES[name] = model_class
+    return model_class
+
+
 def is_speculator(model: Any) -> bool:
     """True for any speculators_hf draft, including copies loaded as remote code."""
     return bool(getattr(model, "_is_speculator", False))
@@ -73,8 +104,13 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    # Tensors a checkpoint may lack (e.g. an embedding taken from the verifier when absent).
-    optional_weights: ClassVar[tuple[str, ...]] = ()
+    # -- what a family declares about itself (registration, `family`, builds every table from these) ------
+    title: ClassVar[str] = ""  # its name in model cards and messages, e.g. "EAGLE-3"
+    # (label, config key) of the flat config fields worth a line in the model card
+    card_details: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # training: the unrolled draft steps its loss takes by default (training-time test, HASS); None when the
+    # family's loss has no such steps (then `--ttt-steps` is refused)
+    default_train_steps: ClassVar[int | None] = None
     # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
     # package is imported; a copy loaded as remote code has none and keeps the card already saved.
     card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
@@ -148,6 +184,23 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         ancestors and itself); all of them also see the row's context. Returns (logits [B, K, V] over the
         verifier vocabulary of each node's next token, the nodes' handles [B, K, ...])."""
         raise NotImplementedError(f"{type(self).__name__} does not implement the tree loop (tree_expand)")
+
+    # -- training (speculators_hf.training) and export ------------------------------------------------
+    def training_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) of a batch of blocks (`input_ids` [B, T], `loss_mask` [B, T], the verifier hidden states
+        `features`, one [B, T, H] tensor per id of `verifier_layer_ids`). `steps`: unrolled draft steps (None:
+        `default_train_steps`). The shared maths is in `objectives.py`; metrics hold `loss` and `acc_<j>`."""
+        raise NotImplementedError(f"{type(self).__name__} has no training loss")
+
+    def prepare_training(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, verifier: Any) -> None:
+        """Called once before training a NEW draft on this data (e.g. EAGLE-3 picks its draft vocabulary)."""
+
+    @classmethod
+    def vllm_tensor_name(cls, name: str) -> str:
+        """The name tensor `name` has in the checkpoint vLLM (or `speculators`) loads for this family."""
+        return name
 
     def load_error_hint(self, unexpected: list[str]) -> str:
         """A family-specific line (ending in a newline) explaining unexpected tensors, or ""."""
@@ -352,7 +405,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             cls.check_checkpoint_files(pretrained_model_name_or_path, kwargs)
         loaded: Any = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model, info = loaded
-        missing = sorted(k for k in info.get("missing_keys", []) if k not in cls.optional_weights)
+        missing = sorted(info.get("missing_keys", []))
         mismatched = sorted(info.get("mismatched_keys", []))
         # An unexpected tensor is an error too: dropping it would change the maths silently (an fc bias
         # under `fc_bias: false`, a norm or head of another format).
@@ -417,7 +470,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             return  # transformers reports the missing weights file
         model = meta_model(cls, config)
         expected = tensor_infos(model)
-        lines = weight_problems(expected, found, cls.optional_weights, f"{cls.__name__} config")
+        lines = weight_problems(expected, found, f"{cls.__name__} config")
         if lines:
             unexpected = [name for name in found if name not in expected]
             raise cls.weights_error(name_or_path, lines, model.load_error_hint(unexpected))

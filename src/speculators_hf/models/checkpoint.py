@@ -475,7 +475,6 @@ def tensor_infos(model: torch.nn.Module) -> dict[str, TensorInfo]:
 def weight_problems(
     expected: Mapping[str, TensorInfo],
     found: Mapping[str, TensorInfo],
-    optional: Iterable[str] = (),
     owner: str = "config",
     names: Mapping[str, str] | None = None,
 ) -> list[str]:
@@ -483,12 +482,11 @@ def weight_problems(
     the model expects (the lines `SpeculatorLoadError` and `convert` print). `names` shows a tensor under
     another name (the source format's); tied tensors (`aliases`) need only one of their names."""
     show = names or {}
-    optional = set(optional)
     lines = []
     for name, want in expected.items():
         got = found.get(name)
         if got is None:
-            if name not in optional and not any(alias in found for alias in want.aliases):
+            if not any(alias in found for alias in want.aliases):
                 lines.append(f"  missing {name}: expected shape {want.shape}")
         elif got.shape != want.shape:
             lines.append(f"  {show.get(name, name)}: checkpoint has shape {got.shape}, config expects {want.shape}")

@@ -33,48 +33,27 @@ lm_head is only referenced after `bind_verifier`, never stored. (vLLM's EAGLE-1 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import expand_draft_vocab
+from .base import DraftOutput, family
 from .eagle3 import draft_layer_config
 from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
+from .objectives import masked_cross_entropy
 
 
-class EagleFields(BaseModel):
-    """pydantic schema of the EAGLE-1/2 and HASS flat config fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    transformer_layer_config: dict[str, Any]
-    fc_bias: bool = True
-
-    @model_validator(mode="after")
-    def _check(self) -> EagleFields:
-        if self.transformer_layer_config.get("num_hidden_layers", 1) != 1:
-            raise ValueError("transformer_layer_config.num_hidden_layers must be 1 (one EAGLE decoder layer)")
-        model_type = self.transformer_layer_config.get("model_type", "llama")
-        if model_type not in PARTS:
-            raise ValueError(
-                f"transformer_layer_config.model_type must be one of {sorted(PARTS)} (got {model_type!r}); "
-                "research EAGLE drafts are llama layers"
-            )
-        return self
-
-
-@SpeculatorConfig.register_family
 class EagleSpeculatorConfig(SpeculatorConfig):
     """Config of an EAGLE-1 / EAGLE-2 / HASS draft; `speculators_model_type = "eagle"`."""
 
     family = "eagle"
-    fields_schema = EagleFields
 
     transformer_layer_config: Any = None
     fc_bias: bool = True
@@ -82,8 +61,18 @@ class EagleSpeculatorConfig(SpeculatorConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         self.transformer_layer_config = build_layer_config(self.transformer_layer_config)
         super().__post_init__(**kwargs)
-        if not self.architectures:
-            self.architectures = ["EagleSpeculator"]
+
+    def check_fields(self) -> list[str]:
+        layer = self.transformer_layer_config
+        problems = []
+        if getattr(layer, "num_hidden_layers", 1) != 1:
+            problems.append("  transformer_layer_config.num_hidden_layers: must be 1 (one EAGLE decoder layer)")
+        if getattr(layer, "model_type", "llama") not in PARTS:
+            problems.append(
+                f"  transformer_layer_config.model_type: must be one of {sorted(PARTS)} (got {layer.model_type!r}); "
+                "research EAGLE drafts are llama layers"
+            )
+        return problems
 
 
 class EagleDecoderLayer(nn.Module):
@@ -107,12 +96,17 @@ class EagleDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+@family
 class EagleSpeculator(EagleStyleSpeculator):
     """EAGLE-1 / EAGLE-2 / HASS draft. Create one with `EagleSpeculator.from_verifier(verifier)` or load one;
     it proposes tokens only once bound to its verifier (whose lm_head gives its logits)."""
 
     config_class = EagleSpeculatorConfig
-    optional_weights: ClassVar[tuple[str, ...]] = ()
+    title = "EAGLE"
+    card_details = (("fc bias (`fc_bias`)", "fc_bias"),)
+    # EAGLE-1/2: one step; HASS: more, the draft fed its own earlier predictions (`speculators-hf train
+    # --family eagle --ttt-steps N`)
+    default_train_steps = 1
 
     def __init__(self, config: EagleSpeculatorConfig):
         super().__init__(config)
@@ -142,20 +136,6 @@ class EagleSpeculator(EagleStyleSpeculator):
             )
         return head
 
-    def step(
-        self,
-        input_ids: torch.Tensor,
-        features: torch.Tensor,
-        positions: torch.Tensor,
-        cache: Any = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One draft pass: tokens [B, T] (token t+1 beside the feature of position t) and features [B, T, H]
-        -> predicted next features [B, T, H] (fed back as features, and read by the verifier's lm_head)."""
-        dtype = self.fc.weight.dtype
-        x = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), features.to(dtype)], dim=-1))
-        return self.layers[0](x, positions, self.rotary_emb, cache, mask)
-
     def initial_hidden(self, features: list[torch.Tensor]) -> torch.Tensor:
         return features[0]
 
@@ -167,7 +147,11 @@ class EagleSpeculator(EagleStyleSpeculator):
         cache: Any = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.step(input_ids, hidden, positions, cache, mask)
+        """One draft step: tokens [B, T] (token t+1 beside the feature of position t) and features `hidden`
+        [B, T, H] -> predicted next features [B, T, H] (fed back as features, and read by the verifier's lm_head)."""
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), hidden.to(dtype)], dim=-1))
+        return self.layers[0](x, positions, self.rotary_emb, cache, mask)
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return expand_draft_vocab(self.logits(hidden), None, self.config.vocab_size)
@@ -193,9 +177,38 @@ class EagleSpeculator(EagleStyleSpeculator):
         for j in range(steps):
             tokens = nn.functional.pad(input_ids[:, j + 1 :], (0, j + 1))
             mask = ttt_mask(length, j, self.fc.weight.dtype, input_ids.device)
-            hidden = self.step(tokens, hidden, rows + j, cache, mask)
+            hidden = self.advance(tokens, hidden, rows + j, cache, mask)
             outputs.append(hidden)
         return outputs
+
+    def training_loss(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        features: list[torch.Tensor],
+        steps: int | None = None,
+        decay: float = 0.8,
+        feature_weight: float = 1.0,
+        ce_weight: float = 0.1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """EAGLE-1/2 (steps=1) and HASS (steps>1): SmoothL1 between the predicted and the verifier's next
+        feature plus 0.1 x cross-entropy of the verifier's head on the prediction (EAGLE's weights); step j
+        weighted decay**j."""
+        target = features[0]
+        total = input_ids.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        for j, out in enumerate(self.unrolled_features(input_ids, target, steps or self.default_train_steps or 1)):
+            n = input_ids.shape[1] - j - 2
+            if n <= 0:
+                break
+            mask = loss_mask[:, j + 2 :].bool()
+            pred, want = out[:, :n], target[:, j + 1 : j + 1 + n]
+            regression = F.smooth_l1_loss(pred[mask], want[mask]) if mask.any() else pred.sum() * 0.0
+            ce, acc = masked_cross_entropy(self.logits(pred), input_ids[:, j + 2 :], mask)
+            total = total + decay**j * (feature_weight * regression + ce_weight * ce)
+            metrics[f"acc_{j}"] = acc
+        metrics["loss"] = total.item()
+        return total, metrics
 
     def forward(
         self,
@@ -203,17 +216,19 @@ class EagleSpeculator(EagleStyleSpeculator):
         verifier_hidden_states: list[torch.Tensor] | torch.Tensor,
         position_ids: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Predicted features [B, T, H] for training and tests: `input_ids[:, t]` is the token after position t,
+    ) -> DraftOutput:
+        """One draft step for training and tests: `input_ids[:, t]` is the token after position t,
         `verifier_hidden_states` the verifier's post-norm last hidden states at positions 0..T-1 (a tensor or a
-        one-element list). Row t predicts f_{t+1}; `draft.logits(out)` gives the logits of the token after
-        `input_ids[:, t]` (needs a bound verifier)."""
+        one-element list); `position_ids` [T] or [B, T]. Returns `hidden_states`, the predicted features [B, T, H]
+        (row t predicts f_{t+1}), and, once bound to a verifier, `logits`: its lm_head on them, the logits of the
+        token after `input_ids[:, t]`."""
         if isinstance(verifier_hidden_states, (list, tuple)):
             (verifier_hidden_states,) = verifier_hidden_states
         positions = (
             position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
         )
-        return self.step(input_ids, verifier_hidden_states, positions)
+        hidden = self.advance(input_ids, verifier_hidden_states, positions)
+        return DraftOutput(logits=self.logits(hidden) if self._binding is not None else None, hidden_states=hidden)
 
     # -- the family contract -----------------------------------------------------------------------
     def verifier_layer_ids(self) -> list[int]:

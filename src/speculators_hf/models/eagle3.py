@@ -14,18 +14,20 @@ stored; `norm_before_residual` and the other norm flags are always written.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import Field, StrictInt
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from ..config import MAX_LAYERS, SpeculatorConfig, SpeculatorConfigError, VocabSize, Width, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import expand_draft_vocab
+from .base import DraftOutput, family
 from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
+from .objectives import chained_cross_entropy, select_draft_vocab
 
 LAYER_CONFIG_FIELDS = (
     "hidden_size",
@@ -102,51 +104,19 @@ def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any)
     return build_layer_config({"model_type": model_type, **fields, "num_hidden_layers": 1, **overrides})
 
 
-class Eagle3Fields(BaseModel):
-    """pydantic schema of the EAGLE-3 flat config fields (as `speculators` 0.9 and vLLM read them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    transformer_layer_config: dict[str, Any]
-    draft_vocab_size: VocabSize
-    target_hidden_size: Width | None = None
-    eagle_aux_hidden_state_layer_ids: list[Annotated[StrictInt, Field(le=MAX_LAYERS)]] | None = None
-    norm_before_residual: bool = False
-    norm_before_fc: bool = False
-    fc_norm: bool = False
-    norm_output: bool = False
-    embed_requires_grad: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> Eagle3Fields:
-        ids = self.eagle_aux_hidden_state_layer_ids
-        if ids is not None and (not ids or len(set(ids)) != len(ids) or min(ids) < 0):
-            raise ValueError(
-                f"eagle_aux_hidden_state_layer_ids must be distinct non-negative ids, got {ids} (duplicates crash vLLM)"
-            )
-        if self.norm_before_fc and self.fc_norm:
-            raise ValueError("norm_before_fc and fc_norm are mutually exclusive")
-        vocab = self.transformer_layer_config.get("vocab_size")
-        if vocab is not None and self.draft_vocab_size > vocab:
-            raise ValueError(
-                f"draft_vocab_size ({self.draft_vocab_size}) exceeds transformer_layer_config.vocab_size ({vocab})"
-            )
-        if self.transformer_layer_config.get("num_hidden_layers", 1) != 1:
-            raise ValueError("transformer_layer_config.num_hidden_layers must be 1 (one EAGLE-3 decoder layer)")
-        return self
+AuxLayerIds = list[Annotated[StrictInt, Field(ge=0, le=MAX_LAYERS)]]
 
 
-@SpeculatorConfig.register_family
 class Eagle3SpeculatorConfig(SpeculatorConfig):
-    """Config of an EAGLE-3 draft; `speculators_model_type = "eagle3"`."""
+    """Config of an EAGLE-3 draft; `speculators_model_type = "eagle3"`. The flat fields are as `speculators` 0.9
+    and vLLM read them; each is declared once here, its annotation validating config.json."""
 
     family = "eagle3"
-    fields_schema = Eagle3Fields
 
     transformer_layer_config: Any = None
-    draft_vocab_size: int = 32000
-    target_hidden_size: int | None = None
-    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    draft_vocab_size: VocabSize = 32000
+    target_hidden_size: Width | None = None
+    eagle_aux_hidden_state_layer_ids: AuxLayerIds | None = None
     norm_before_residual: bool = False
     norm_before_fc: bool = False
     fc_norm: bool = False
@@ -156,8 +126,25 @@ class Eagle3SpeculatorConfig(SpeculatorConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         self.transformer_layer_config = build_layer_config(self.transformer_layer_config)
         super().__post_init__(**kwargs)
-        if not self.architectures:
-            self.architectures = ["Eagle3Speculator"]
+
+    def check_fields(self) -> list[str]:
+        problems = []
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if ids is not None and (not ids or len(set(ids)) != len(ids)):
+            problems.append(
+                f"  eagle_aux_hidden_state_layer_ids: must be distinct ids, got {ids} (duplicates crash vLLM)"
+            )
+        if self.norm_before_fc and self.fc_norm:
+            problems.append("  norm_before_fc: norm_before_fc and fc_norm are mutually exclusive")
+        layer = self.transformer_layer_config
+        vocab = getattr(layer, "vocab_size", None)
+        if vocab is not None and self.draft_vocab_size > vocab:
+            problems.append(
+                f"  draft_vocab_size: {self.draft_vocab_size} exceeds transformer_layer_config.vocab_size ({vocab})"
+            )
+        if getattr(layer, "num_hidden_layers", 1) != 1:
+            problems.append("  transformer_layer_config.num_hidden_layers: must be 1 (one EAGLE-3 decoder layer)")
+        return problems
 
     @property
     def aux_layer_ids(self) -> list[int]:
@@ -208,11 +195,19 @@ class Eagle3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+@family
 class Eagle3Speculator(EagleStyleSpeculator):
     """EAGLE-3 draft model. Create one with `Eagle3Speculator.from_verifier(verifier)` or load one."""
 
     config_class = Eagle3SpeculatorConfig
-    optional_weights: ClassVar[tuple[str, ...]] = ()
+    title = "EAGLE-3"
+    card_details = (
+        ("verifier hidden states read (`eagle_aux_hidden_state_layer_ids`)", "eagle_aux_hidden_state_layer_ids"),
+        ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),
+        ("verifier hidden size (`target_hidden_size`)", "target_hidden_size"),
+        ("`norm_before_residual`", "norm_before_residual"),
+    )
+    default_train_steps = 7  # training-time test: 7 unrolled steps, step j weighted 0.8^j (the EAGLE-3 paper)
 
     def __init__(self, config: Eagle3SpeculatorConfig):
         super().__init__(config)
@@ -231,6 +226,8 @@ class Eagle3Speculator(EagleStyleSpeculator):
         self.norm = rms_norm(layer_config)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = rotary(layer_config)
+        # a new draft's reduced vocabulary is a placeholder until chosen from data (`prepare_training`)
+        self.draft_vocab_chosen = False
         if config.draft_vocab_size < layer_config.vocab_size:
             self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
             # until a vocabulary is selected (training: the most frequent targets), the first Vd ids
@@ -247,6 +244,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.embed_tokens.weight.requires_grad_(model.config.embed_requires_grad)
+        model.draft_vocab_chosen = True  # the checkpoint's d2t is its vocabulary
         return loaded
 
     def weight_value_problems(self) -> list[str]:
@@ -289,18 +287,6 @@ class Eagle3Speculator(EagleStyleSpeculator):
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return expand_draft_vocab(self.draft_logits(hidden), self.d2t, self.config.vocab_size)
 
-    def step(
-        self,
-        input_ids: torch.Tensor,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        cache: Any = None,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`advance` and its draft-vocabulary logits [B, T, Vd]."""
-        hidden = self.advance(input_ids, hidden, positions, cache, mask)
-        return hidden, self.draft_logits(hidden)
-
     def unrolled_logits(self, input_ids: torch.Tensor, features: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         """Training-time test (EAGLE-3): draft-vocab logits [B, T, Vd] of `steps` unrolled draft steps.
 
@@ -316,9 +302,25 @@ class Eagle3Speculator(EagleStyleSpeculator):
         for j in range(steps):
             tokens = torch.nn.functional.pad(input_ids[:, j + 1 :], (0, j + 1))
             mask = ttt_mask(length, j, hidden.dtype, input_ids.device)
-            hidden, step_logits = self.step(tokens, hidden, rows + j, cache, mask)
-            logits.append(step_logits)
+            hidden = self.advance(tokens, hidden, rows + j, cache, mask)
+            logits.append(self.draft_logits(hidden))
         return logits
+
+    def training_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training-time test: `steps` unrolled draft steps (default 7), step j weighted 0.8**j, on the draft
+        vocabulary (targets outside it are left out)."""
+        steps = min(steps or self.default_train_steps or 1, input_ids.shape[1] - 2)
+        t2d = self.t2d if self.d2t is not None else None
+        return chained_cross_entropy(self.unrolled_logits(input_ids, features, steps), input_ids, loss_mask, t2d=t2d)
+
+    def prepare_training(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, verifier: Any) -> None:
+        """A new draft with a reduced vocabulary takes the most frequent targets of the data (`select_draft_vocab`)
+        and the verifier's embedding and lm_head rows for them."""
+        if self.d2t is not None and not self.draft_vocab_chosen:
+            select_draft_vocab(self, input_ids, loss_mask)
+            self.init_from_verifier(verifier)
 
     def forward(
         self,
@@ -326,9 +328,11 @@ class Eagle3Speculator(EagleStyleSpeculator):
         verifier_hidden_states: list[torch.Tensor] | torch.Tensor,
         position_ids: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Logits over the draft vocabulary [B, T, Vd] for training and tests: `input_ids[:, t]` is the token
-        after position t, `verifier_hidden_states` the aux states at positions 0..T-1 (list, or concatenated)."""
+    ) -> DraftOutput:
+        """One draft step for training and tests: `input_ids[:, t]` is the token after position t,
+        `verifier_hidden_states` the aux states at positions 0..T-1 (a list, or concatenated); `position_ids` [T]
+        or [B, T] (default 0..T-1). Returns `logits` [B, T, Vd] over the draft vocabulary and `hidden_states`,
+        the states fed back."""
         if isinstance(verifier_hidden_states, torch.Tensor):
             verifier_hidden_states = list(
                 verifier_hidden_states.chunk(self.fc.in_features // self.config.feature_size, dim=-1)
@@ -336,7 +340,8 @@ class Eagle3Speculator(EagleStyleSpeculator):
         positions = (
             position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
         )
-        return self.step(input_ids, self.project(verifier_hidden_states), positions)[1]
+        hidden = self.advance(input_ids, self.project(verifier_hidden_states), positions)
+        return DraftOutput(logits=self.draft_logits(hidden), hidden_states=hidden)
 
     # -- the family contract -----------------------------------------------------------------------
     def verifier_layer_ids(self) -> list[int]:
@@ -395,6 +400,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         self.d2t.copy_(target_ids - torch.arange(target_ids.numel()))
         self.t2d.zero_()
         self.t2d[target_ids] = True
+        self.draft_vocab_chosen = True
 
     def on_bind(self, verifier: Any) -> None:
         hidden = verifier.config.get_text_config().hidden_size

@@ -11,41 +11,33 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.kvcache import DraftTreeState, cache_kwargs, causal_block, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
-from .base import SpeculatorModel
+from .base import SpeculatorModel, family
+from .objectives import masked_cross_entropy
 
 
-class IndependentFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    draft_model_config: dict[str, Any]
-
-
-@SpeculatorConfig.register_family
 class IndependentSpeculatorConfig(SpeculatorConfig):
     """Config of an independent draft LM; `draft_model_config` is the LM's own transformers config."""
 
     family = "independent"
-    fields_schema = IndependentFields
 
     draft_model_config: Any = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.draft_model_config = build_layer_config(self.draft_model_config, field="draft_model_config")
         super().__post_init__(**kwargs)
-        if not self.architectures:
-            self.architectures = ["IndependentSpeculator"]
 
 
+@family
 class IndependentSpeculator(SpeculatorModel):
     """A small causal LM (any transformers architecture) as a draft, under `model.*`."""
 
     config_class = IndependentSpeculatorConfig
+    title = "independent draft LM"
 
     def __init__(self, config: IndependentSpeculatorConfig):
         super().__init__(config)
@@ -88,6 +80,19 @@ class IndependentSpeculator(SpeculatorModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def training_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Plain next-token cross entropy of the small LM (on verifier-generated data: distillation)."""
+        logits = self.model(input_ids=input_ids).logits[:, :-1]
+        ce, acc = masked_cross_entropy(logits, input_ids[:, 1:], loss_mask[:, 1:].bool())
+        return ce, {"loss": ce.item(), "acc_0": acc}
+
+    @classmethod
+    def vllm_tensor_name(cls, name: str) -> str:
+        """vLLM loads the inner LM's own checkpoint: its tensors without the `model.` prefix."""
+        return name.removeprefix("model.")
 
     def verifier_layer_ids(self) -> list[int]:
         return []

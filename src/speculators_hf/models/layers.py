@@ -69,11 +69,13 @@ def rotary(layer_config: PretrainedConfig) -> nn.Module:
 
 
 def causal_mask(query_positions: torch.Tensor, key_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [1, 1, q, kv] mask: query at absolute position p sees keys 0..p (works for sdpa and eager)."""
-    keys = torch.arange(key_length, device=query_positions.device)
-    allowed = keys[None, :] <= query_positions[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=query_positions.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    """Additive mask: a query at absolute position p sees keys 0..p (works for sdpa and eager). Positions [q]
+    give [1, 1, q, kv]; positions [B, q] (transformers' `position_ids`) give [B, 1, q, kv]."""
+    positions = query_positions if query_positions.dim() == 2 else query_positions[None]
+    keys = torch.arange(key_length, device=positions.device)
+    allowed = keys[None, None, :] <= positions[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def ttt_mask(length: int, step: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -95,10 +97,9 @@ def attend(
     cache: Any = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run `attn` on `hidden` [B, q, *] at absolute `positions` [q], appending to `cache` when given.
-    `mask` (additive, [1, 1, q, kv]) defaults to causal over the cache: key index = absolute position.
-    `positions` may also be [B, q] (one row of positions per sequence, the tree loop's ragged batches);
-    then pass `mask` ([B, 1, q, kv]) too."""
+    """Run `attn` on `hidden` [B, q, *] at absolute `positions` [q] or [B, q] (one row per sequence, as
+    transformers' `position_ids`), appending to `cache` when given. `mask` (additive, [B or 1, 1, q, kv])
+    defaults to causal over the cache: key index = absolute position (the tree loop passes its own)."""
     position_ids = positions if positions.dim() == 2 else positions[None].expand(hidden.shape[0], -1)
     cos_sin = rope(hidden, position_ids)
     if mask is None:

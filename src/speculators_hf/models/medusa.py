@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PretrainedConfig
 from transformers import initialization as init
@@ -38,46 +37,34 @@ from ..config import (
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
+from .base import DraftOutput, family
 from .heads_base import HeadsSpeculator
+from .objectives import chained_cross_entropy
 
 DEFAULT_HEADS = 5  # the published Medusa heads (Vicuna/Zephyr) hold five
 
 
-class MedusaFields(BaseModel):
-    """pydantic schema of the Medusa flat config fields (the research names)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: Width
-    medusa_num_heads: DraftHeads
-    medusa_num_layers: LayersPerHead = 1
-
-
-@SpeculatorConfig.register_family
 class MedusaSpeculatorConfig(SpeculatorConfig):
     """Config of Medusa heads; `speculators_model_type = "medusa"`. `hidden_size` is the verifier's, and
     the draft length defaults to the number of heads."""
 
     family = "medusa"
-    fields_schema = MedusaFields
 
-    hidden_size: int = 4096
-    medusa_num_heads: int = DEFAULT_HEADS
-    medusa_num_layers: int = 1
+    hidden_size: Width = 4096
+    medusa_num_heads: DraftHeads = DEFAULT_HEADS
+    medusa_num_layers: LayersPerHead = 1
 
     def __post_init__(self, **kwargs: Any) -> None:
         valid = self.max_speculative_tokens is not None
         if self.speculators_config is None:
             self.speculators_config = default_speculators_config(self.family, self.medusa_num_heads if valid else 1)
         super().__post_init__(**kwargs)
-        if not self.architectures:
-            self.architectures = ["MedusaSpeculator"]
 
     @property
     def max_speculative_tokens(self) -> int | None:
         heads = self.medusa_num_heads
         valid = isinstance(heads, int) and not isinstance(heads, bool) and 0 < heads <= MAX_DRAFT_HEADS
-        return heads if valid else None  # an invalid count is reported by the schema (MedusaFields)
+        return heads if valid else None  # an invalid count is reported by the field's own annotation
 
 
 class MedusaBlock(nn.Module):
@@ -94,10 +81,16 @@ class MedusaBlock(nn.Module):
         return hidden
 
 
+@family
 class MedusaSpeculator(HeadsSpeculator):
     """Medusa heads. Create them with `MedusaSpeculator.from_verifier(verifier)` or load a checkpoint."""
 
     config_class = MedusaSpeculatorConfig
+    title = "Medusa"
+    card_details = (
+        ("heads (`medusa_num_heads`)", "medusa_num_heads"),
+        ("residual blocks per head (`medusa_num_layers`)", "medusa_num_layers"),
+    )
 
     def __init__(self, config: MedusaSpeculatorConfig):
         super().__init__(config)
@@ -124,12 +117,19 @@ class MedusaSpeculator(HeadsSpeculator):
         lm_head = cast(nn.Linear, self.lm_heads[index])
         return lm_head(self.blocks[index](hidden.to(lm_head.weight.dtype)))
 
-    def forward(self, verifier_hidden_states: torch.Tensor | list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
-        """Logits of every head, for training and tests: [heads, B, T, V]. `verifier_hidden_states` [B, T, H]
-        (or a one-element list) are the verifier's post-norm last hidden states; row t of head i predicts
-        x_{t+i+2}."""
+    def forward(self, verifier_hidden_states: torch.Tensor | list[torch.Tensor], **kwargs: Any) -> DraftOutput:
+        """Every head, for training and tests: `logits` [heads, B, T, V]. `verifier_hidden_states` [B, T, H] (or a
+        one-element list) are the verifier's post-norm last hidden states; row t of head i predicts x_{t+i+2}."""
         hidden = verifier_hidden_states[0] if isinstance(verifier_hidden_states, list) else verifier_hidden_states
-        return torch.stack([self.head_logits(i, hidden) for i in range(self.config.medusa_num_heads)])
+        return DraftOutput(
+            logits=torch.stack([self.head_logits(i, hidden) for i in range(self.config.medusa_num_heads)])
+        )
+
+    def training_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Head i reads the verifier's last hidden state at t and predicts x_{t+i+2} (weights 0.8^i)."""
+        return chained_cross_entropy(self(features[0]).logits, input_ids, loss_mask)
 
     # -- the family contract -----------------------------------------------------------------------
     # -- the tree loop: no cache; one call per round gives every depth --------------------------------

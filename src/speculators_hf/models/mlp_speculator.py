@@ -36,10 +36,10 @@ so a converter should compare them.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictInt, model_validator
+from pydantic import Field, PositiveInt, StrictInt
 from torch import nn
 from transformers import PretrainedConfig
 from transformers import initialization as init
@@ -57,7 +57,9 @@ from ..config import (
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
+from .base import DraftOutput, family
 from .heads_base import HeadsSpeculator
+from .objectives import chained_cross_entropy
 
 NORM_EPS = 1e-6  # fms LayerNormParameterized and vLLM MLPSpeculatorLayerNorm default
 # fms-extras' MLPSpeculatorConfig default (n_predict = 3); heads beyond the third default to 1 (no branching).
@@ -70,44 +72,17 @@ def default_top_k(n_predict: int) -> list[int]:
     return [*DEFAULT_TOP_K, *[1] * n_predict][:n_predict]
 
 
-class MLPSpeculatorFields(BaseModel):
-    """pydantic schema of the MLP speculator's flat config fields (as fms-extras and vLLM name them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    emb_dim: Width
-    inner_dim: StrictInt = Field(default=0, ge=0, le=MAX_WIDTH)
-    n_predict: DraftHeads
-    top_k_tokens_per_head: list[VocabSize]
-    n_candidates: PositiveInt = 5
-    tie_weights: bool = False
-    scale_input: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> MLPSpeculatorFields:
-        if len(self.top_k_tokens_per_head) != self.n_predict:
-            raise ValueError(
-                f"top_k_tokens_per_head needs one entry per head (n_predict={self.n_predict}), "
-                f"got {self.top_k_tokens_per_head}"
-            )
-        if self.tie_weights and self.n_predict < 2:
-            raise ValueError("tie_weights needs n_predict >= 2 (there is nothing to tie with one stage)")
-        return self
-
-
-@SpeculatorConfig.register_family
 class MLPSpeculatorConfig(SpeculatorConfig):
     """Config of an MLP speculator; `speculators_model_type = "mlp_speculator"`. The vocabulary is the
     verifier's (`vocab_size`, from the fingerprint); `inner_dim = 0` means `emb_dim`, as published."""
 
     family = "mlp_speculator"
-    fields_schema = MLPSpeculatorFields
 
-    emb_dim: int = 4096
-    inner_dim: int = 0
-    n_predict: int = 3
-    top_k_tokens_per_head: list[int] | None = None
-    n_candidates: int = 5
+    emb_dim: Width = 4096
+    inner_dim: Annotated[StrictInt, Field(ge=0, le=MAX_WIDTH)] = 0
+    n_predict: DraftHeads = 3
+    top_k_tokens_per_head: list[VocabSize] | None = None
+    n_candidates: PositiveInt = 5
     tie_weights: bool = False
     scale_input: bool = False
 
@@ -118,14 +93,23 @@ class MLPSpeculatorConfig(SpeculatorConfig):
         if self.speculators_config is None:  # draft length defaults to the number of heads (vLLM's default too)
             self.speculators_config = default_speculators_config(self.family, self.n_predict if valid_n else 1)
         super().__post_init__(**kwargs)
-        if not self.architectures:
-            self.architectures = ["MLPSpeculator"]
+
+    def check_fields(self) -> list[str]:
+        problems = []
+        top_k = self.top_k_tokens_per_head
+        if top_k is None or len(top_k) != self.n_predict:
+            problems.append(
+                f"  top_k_tokens_per_head: needs one entry per head (n_predict={self.n_predict}), got {top_k}"
+            )
+        if self.tie_weights and self.n_predict < 2:
+            problems.append("  tie_weights: needs n_predict >= 2 (there is nothing to tie with one stage)")
+        return problems
 
     @property
     def max_speculative_tokens(self) -> int | None:
         n = self.n_predict
         valid = isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DRAFT_HEADS
-        return n if valid else None  # an invalid count is reported by the schema (MLPSpeculatorFields)
+        return n if valid else None  # an invalid count is reported by the field's own annotation
 
     @property
     def inner_size(self) -> int:
@@ -151,10 +135,19 @@ class MLPSpeculatorNorm(nn.Module):
         return x
 
 
+@family
 class MLPSpeculator(HeadsSpeculator):
     """MLP speculator draft. Create one with `MLPSpeculator.from_verifier(verifier)` or load one."""
 
     config_class = MLPSpeculatorConfig
+    title = "MLP speculator"
+    card_details = (
+        ("stages (`n_predict`)", "n_predict"),
+        ("input width (`emb_dim`)", "emb_dim"),
+        ("inner width (`inner_dim`, 0 = `emb_dim`)", "inner_dim"),
+        ("`tie_weights`", "tie_weights"),
+        ("`scale_input`", "scale_input"),
+    )
 
     def __init__(self, config: MLPSpeculatorConfig):
         super().__init__(config)
@@ -201,7 +194,7 @@ class MLPSpeculator(HeadsSpeculator):
             hidden = self.ln0(hidden) / math.sqrt(2)
         return hidden
 
-    def step(self, index: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stage(self, index: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage `index`: state [B, T, emb_dim or inner] and the newest tokens [B, T] -> (next state
         [B, T, inner], logits [B, T, V] of the token after `tokens`)."""
         state = self.proj[index](state)
@@ -214,8 +207,8 @@ class MLPSpeculator(HeadsSpeculator):
         verifier_hidden_states: torch.Tensor | list[torch.Tensor],
         input_ids: torch.LongTensor,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Teacher-forced logits of every head, for training and tests: [n_predict, B, T, V].
+    ) -> DraftOutput:
+        """Teacher-forced `logits` of every head, for training and tests: [n_predict, B, T, V].
 
         `verifier_hidden_states` [B, T, emb_dim] (or a one-element list) are the verifier's post-norm last
         hidden states at positions 0..T-1 and `input_ids` [B, T'] (T' >= T) the sequence x_0.. itself.
@@ -229,9 +222,16 @@ class MLPSpeculator(HeadsSpeculator):
         for i in range(self.config.n_predict):
             tokens = input_ids[:, i + 1 : i + 1 + length]
             tokens = nn.functional.pad(tokens, (0, length - tokens.shape[1]))
-            state, head_logits = self.step(i, state, tokens)
+            state, head_logits = self.stage(i, state, tokens)
             logits.append(head_logits)
-        return torch.stack(logits)
+        return DraftOutput(logits=torch.stack(logits))
+
+    def training_loss(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced: stage i starts from the state at t, reads x_{t+1}..x_{t+i+1}, predicts x_{t+i+2}
+        (weights 0.8^i)."""
+        return chained_cross_entropy(self(features[0], input_ids).logits, input_ids, loss_mask)
 
     # -- the family contract -----------------------------------------------------------------------
     # -- the tree loop: no cache; a node's handle is its state, stage = its depth ---------------------
@@ -246,7 +246,7 @@ class MLPSpeculator(HeadsSpeculator):
         """Stage 0 reads each row's newest token and the verifier state at the position before it."""
         last = last_valid(valid)
         hidden = self.input_state(gather_rows(features[0], last)[:, None])
-        hidden, logits = self.step(0, hidden, gather_rows(tokens, last)[:, None].to(hidden.device))
+        hidden, logits = self.stage(0, hidden, gather_rows(tokens, last)[:, None].to(hidden.device))
         return expand_draft_vocab(logits[:, 0], None, self.config.vocab_size), hidden[:, 0]
 
     def tree_expand(
@@ -259,7 +259,7 @@ class MLPSpeculator(HeadsSpeculator):
         block: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A node `depth` tokens ahead goes through stage `depth`, from its parent's state."""
-        hidden, logits = self.step(depth, handles, tokens.to(handles.device))
+        hidden, logits = self.stage(depth, handles, tokens.to(handles.device))
         return expand_draft_vocab(logits, None, self.config.vocab_size), hidden
 
     # -- creation from a verifier --------------------------------------------------------------------

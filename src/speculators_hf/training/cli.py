@@ -94,17 +94,20 @@ def _family_layer_ids(family: str, verifier: Any) -> list[int]:
 
 
 def _new_draft(family: str, verifier: Any, draft_vocab_size: int | None, speculative_tokens: int = 5) -> Any:
-    """A new `family` draft for `verifier`; EAGLE-3 takes `draft_vocab_size`, or its default (a quarter of the
-    verifier's vocabulary, `Eagle3Speculator.config_from_verifier`)."""
+    """A new `family` draft for `verifier` with `speculative_tokens`, and `draft_vocab_size` for the families
+    that have a draft vocabulary (else their default, e.g. a quarter of the verifier's for EAGLE-3)."""
     from ..models import FAMILIES
 
-    classes = {config_class.family: model_class for config_class, model_class in FAMILIES}
-    if family not in classes:
-        raise SystemExit(f"unknown family {family!r}; choose one of {sorted(classes)}")
+    if family not in FAMILIES:
+        raise SystemExit(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    model_class = FAMILIES[family]
     kwargs: dict[str, Any] = {"speculative_tokens": speculative_tokens}
-    if family == "eagle3" and draft_vocab_size:
+    if draft_vocab_size:
+        schema = model_class.config_class.fields_schema()
+        if schema is None or "draft_vocab_size" not in schema.model_fields:
+            raise SystemExit(f"--draft-vocab-size: a {family} draft has no draft vocabulary of its own")
         kwargs["draft_vocab_size"] = draft_vocab_size
-    return classes[family].from_verifier(verifier, **kwargs)
+    return model_class.from_verifier(verifier, **kwargs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -113,36 +116,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ..loading import load_draft
     from .data import DraftDataset
-    from .losses import select_draft_vocab
-    from .trainer import ResumeError, TrainConfig, plan_evaluation, train
+    from .trainer import TrainConfig, plan_evaluation, train
 
     input_ids, loss_mask = load_blocks(args.data)
-    try:
-        n_blocks, seq_len = input_ids.shape
-        n_eval, prompt_len, notes = plan_evaluation(n_blocks, seq_len, args.eval_blocks, args.eval_prompt_len)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    n_blocks, seq_len = input_ids.shape
+    n_eval, prompt_len, notes = plan_evaluation(n_blocks, seq_len, args.eval_blocks, args.eval_prompt_len)
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         print("\n".join(notes), file=sys.stderr)
     verifier = _load_verifier(args.verifier, args.dtype)
-    train_ids, train_mask = input_ids[: len(input_ids) - n_eval], loss_mask[: len(input_ids) - n_eval]
+    n_train = len(input_ids) - n_eval
     eval_prompts = [input_ids[i : i + 1, :prompt_len] for i in range(len(input_ids) - n_eval, len(input_ids))]
     if args.draft:
         draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
     else:
         torch.manual_seed(args.seed if args.seed is not None else 0)  # the same new draft in every process and run
         draft = _new_draft(args.family, verifier, args.draft_vocab_size, args.speculative_tokens)
-        if getattr(draft, "d2t", None) is not None:
-            select_draft_vocab(draft, train_ids, train_mask)
-            draft.init_from_verifier(verifier)
     # the feature cache covers every block; training sees all but the held-out ones
-    dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(len(train_ids)))
+    dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(n_train))
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     config = TrainConfig(output_dir=str(args.output), **fields)
-    try:
-        result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
-    except ResumeError as err:
-        raise SystemExit(f"error: {err}") from None
+    result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
     print(
         json.dumps(
             {
@@ -157,6 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
+    from ..models import FAMILIES
+
     data = sub.add_parser(
         "data",
         help="build training data: tokens, loss mask and (optionally cached) verifier hidden states",
@@ -188,7 +183,9 @@ def add_parsers(sub: Any) -> None:
         "a GPU takes 64 or more)",
     )
     data.add_argument("--cache-features", action="store_true", help="compute and store verifier hidden states now")
-    data.add_argument("--family", default="eagle3", help="draft family whose hidden states to cache")
+    data.add_argument(
+        "--family", default="eagle3", choices=sorted(FAMILIES), help="draft family whose hidden states to cache"
+    )
     data.add_argument("--layers", help="explicit hidden-state ids to cache, e.g. 2,16,29")
     data.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     data.add_argument("--dtype", default="auto", help="verifier dtype")
@@ -204,7 +201,9 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--verifier", required=True, type=model_ref, help="verifier model id or path")
     tr.add_argument("--data", required=True, type=existing_dir, help="folder written by `speculators-hf data`")
     tr.add_argument("--output", required=True, type=new_dir, help="output folder (checkpoints/, final/)")
-    tr.add_argument("--family", default="eagle3", help="eagle3 | independent | ... (new draft)")
+    tr.add_argument(
+        "--family", default="eagle3", choices=sorted(FAMILIES), help="the family of a new draft (default eagle3)"
+    )
     tr.add_argument("--draft", type=model_ref, help="continue from an existing draft checkpoint instead of a new one")
     tr.add_argument(
         "--draft-vocab-size",
@@ -223,9 +222,14 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--lr", dest="learning_rate", type=positive_float)
     tr.add_argument("--warmup-steps", dest="warmup_steps", type=non_negative_int)
     tr.add_argument(
-        "--ttt-steps", dest="ttt_steps", type=positive_int, help="EAGLE-3 training-time-test steps (default 7)"
+        "--ttt-steps",
+        dest="ttt_steps",
+        type=positive_int,
+        help="unrolled draft steps of the training loss, for the families that unroll: EAGLE-3's training-time "
+        "test (default 7), EAGLE's HASS (default 1 = EAGLE-1/2; more = HASS)",
     )
     tr.add_argument("--save-every", dest="save_every", type=positive_int)
+    tr.add_argument("--log-every", dest="log_every", type=positive_int, help="steps between log lines (default 10)")
     tr.add_argument("--eval-every", dest="eval_every", type=non_negative_int)
     tr.add_argument(
         "--eval-blocks",

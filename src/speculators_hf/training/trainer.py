@@ -64,7 +64,6 @@ from ..generation.capture import verifier_hidden_states
 from ..generation.stats import GenerationStats
 from ..progress import Progress
 from .data import DraftDataset
-from .losses import loss_for
 
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "training_log.jsonl"
@@ -102,7 +101,11 @@ class TrainConfig(BaseModel):
     warmup_steps: NonNegativeInt = 50
     min_lr_ratio: NonNegativeFloat = 0.1
     max_grad_norm: NonNegativeFloat = 1.0
-    ttt_steps: PositiveInt = Field(default=7, description="EAGLE-3 training-time-test steps (loss weight 0.8^j)")
+    ttt_steps: PositiveInt | None = Field(
+        default=None,
+        description="unrolled draft steps of the loss (EAGLE-3's training-time test, HASS); None: the family's "
+        "default (`default_train_steps`); only for families whose loss unrolls",
+    )
     seed: int = 0
     save_every: PositiveInt = 200
     keep_checkpoints: PositiveInt = 2
@@ -117,14 +120,22 @@ class ResumeError(RuntimeError):
 
 
 class _TrainingModule(torch.nn.Module):
-    """Routes the family loss through `forward`, so DDP/FSDP wrappers see every training computation."""
+    """Routes the family's `training_loss` through `forward`, so DDP/FSDP wrappers see every training computation."""
 
-    def __init__(self, draft: Any, loss_fn: Any, loss_kwargs: dict[str, Any]):
+    def __init__(self, draft: Any, steps: int | None):
         super().__init__()
-        self.draft, self.loss_fn, self.loss_kwargs = draft, loss_fn, loss_kwargs
+        self.draft, self.steps = draft, steps
 
     def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor]) -> Any:
-        return self.loss_fn(self.draft, input_ids, loss_mask, features, **self.loss_kwargs)
+        return self.draft.training_loss(input_ids, loss_mask, features, steps=self.steps)
+
+
+def _blocks(dataset: DraftDataset | torch.utils.data.Subset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (input_ids, loss_mask) blocks a dataset trains on."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        base, index = dataset.dataset, torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        return base.input_ids[index], base.loss_mask[index]  # type: ignore[attr-defined]
+    return dataset.input_ids, dataset.loss_mask
 
 
 def _sample_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -244,8 +255,12 @@ def train(
 
     set_seed(config.seed)
     family = draft.config.speculators_model_type
-    loss_kwargs = {"steps": config.ttt_steps} if family == "eagle3" else {}
-    module = _TrainingModule(draft, loss_for(family), loss_kwargs)
+    if config.ttt_steps is not None and draft.default_train_steps is None:
+        raise ValueError(
+            f"ttt_steps={config.ttt_steps}: the {draft.title or family} loss has no unrolled steps; leave it unset"
+        )
+    draft.prepare_training(*_blocks(dataset), verifier)  # e.g. a new EAGLE-3 draft picks its vocabulary
+    module = _TrainingModule(draft, config.ttt_steps)
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
