@@ -4,7 +4,6 @@ with one line naming the argument, the value and what is expected (exit code 2),
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -57,23 +56,11 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
-def looks_like_local_path(name: str) -> bool:
-    """An existing path, or a string shaped like a path rather than a Hub id (`org/name` or `name`)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if os.path.exists(name) or name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name:
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
-
-
 def model_ref(text: str) -> str:
     """A Hub id (`org/name`), or a local folder that exists: a missing local path is named as such rather than
     looked up on the Hub (where the error would be about the network)."""
+    from .loading import looks_like_local_path
+
     if looks_like_local_path(text):
         path = Path(text).expanduser()
         if not path.exists():

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from .config import SpeculatorConfig
@@ -25,6 +27,23 @@ def register_family(model_class: type[SpeculatorModel]) -> type[SpeculatorModel]
     AutoModel.register(model_class.config_class, model_class, exist_ok=True)
     AutoModelForCausalLM.register(model_class.config_class, model_class, exist_ok=True)
     return model_class
+
+
+def looks_like_local_path(name: str) -> bool:
+    """An existing path, or a string shaped like a path rather than a Hub id (`org/name` or `name`)."""
+    if os.path.exists(name) or name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def is_hub_id(name: str, namespaced: bool = False) -> bool:
+    """Whether `name` is shaped like a Hub repo id and names no local path: `org/name`, or also a bare `name`
+    unless `namespaced` (a repo to publish under always has an owner)."""
+    return not looks_like_local_path(name) and (not namespaced or "/" in name)
 
 
 def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorModel:

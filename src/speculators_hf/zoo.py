@@ -68,3 +68,60 @@ def zoo_prompts() -> list[torch.Tensor]:
     root = zoo_dir()
     assert root is not None
     return [torch.tensor([p]) for p in json.loads((root / "prompts.json").read_text())]
+
+
+def remote_code_drift() -> dict[str, list[str]]:
+    """Per zoo draft, the remote-code files (`speculators_*.py`) whose published copy differs from what this
+    package writes now (missing, extra or different): empty when the zoo is up to date."""
+    import tempfile
+
+    from .models import FAMILIES
+    from .remote_code import write_remote_code
+
+    root = zoo_dir()
+    assert root is not None
+    drift = {}
+    for family in zoo_families():
+        snapshot = next((root / "hub" / f"models--speculators-hf--zoo-{family}" / "snapshots").iterdir())
+        with tempfile.TemporaryDirectory() as tmp:
+            write_remote_code(FAMILIES[family], tmp)
+            fresh = {p.name: p.read_bytes() for p in Path(tmp).glob("speculators_*.py")}
+        published = {p.name: p.read_bytes() for p in snapshot.glob("speculators_*.py")}
+        names = sorted(n for n in fresh.keys() | published.keys() if fresh.get(n) != published.get(n))
+        if names:
+            drift[family] = names
+    return drift
+
+
+def refresh_remote_code() -> None:
+    """Rewrite the zoo drafts' remote-code files with this package's modules (new content-addressed blobs, the
+    snapshot's links pointed at them, blobs nothing links to any more removed)."""
+    import hashlib
+    import tempfile
+
+    from .models import FAMILIES
+    from .remote_code import write_remote_code
+
+    root = zoo_dir()
+    assert root is not None
+    for family in zoo_families():
+        repo = root / "hub" / f"models--speculators-hf--zoo-{family}"
+        snapshot = next((repo / "snapshots").iterdir())
+        for old in snapshot.glob("speculators_*.py"):
+            old.unlink()
+        with tempfile.TemporaryDirectory() as tmp:
+            write_remote_code(FAMILIES[family], tmp)
+            for path in sorted(Path(tmp).glob("speculators_*.py")):
+                data = path.read_bytes()
+                blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+                blob.write_bytes(data)
+                (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+        linked = {p.resolve() for p in snapshot.iterdir()}
+        for blob in (repo / "blobs").iterdir():
+            if blob.resolve() not in linked:
+                blob.unlink()
+
+
+if __name__ == "__main__":  # python -m speculators_hf.zoo: bring the zoo's remote code up to date
+    refresh_remote_code()
+    print("zoo remote code refreshed" if not remote_code_drift() else "zoo remote code still differs")

@@ -226,7 +226,7 @@ def test_num_return_sequences_samples_each_prompt_several_times():
 
 
 def test_custom_generate_refuses_what_it_cannot_apply(tmp_path):
-    from speculators_hf.generation.custom_generate import custom_generate
+    from speculators_hf.custom_generate import custom_generate
 
     verifier = make_verifier()
     draft = DRAFTS["eagle3"](verifier)

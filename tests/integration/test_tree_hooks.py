@@ -12,7 +12,7 @@ from test_batch import assert_rows_exact, left_padded
 import speculators_hf as sh
 from speculators_hf.bench import run_bench
 from speculators_hf.cli import main
-from speculators_hf.generation.custom_generate import write_custom_generate
+from speculators_hf.custom_generate import write_custom_generate
 
 
 def test_custom_generate_hook_runs_the_tree_loop_from_a_draft_folder(tmp_path):

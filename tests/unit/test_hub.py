@@ -93,7 +93,7 @@ def test_card_renders_for_every_family(family, tmp_path):
     assert {"speculative-decoding", family, "speculators", "speculators-hf"} <= set(meta["tags"])
     assert front_matter(text) == meta  # the YAML header round-trips through ModelCardData
 
-    assert hub.template_name(family) == f"{family}.md.j2"
+    assert hub.cards.template_name(family) == f"{family}.md.j2"
     body = card.text
     assert hub.is_generated_card(text) and hub.GENERATED_MARK in text
     assert hub.family_title(family) in body
@@ -117,7 +117,7 @@ def test_card_renders_for_every_family(family, tmp_path):
 
 def test_unknown_family_falls_back_to_the_base_template(tmp_path):
     text = str(sh.create_model_card(stub_config("dflash", block_size=8), repo_id=REPO_ID))
-    assert hub.template_name("dflash") == "base.md.j2"
+    assert hub.cards.template_name("dflash") == "base.md.j2"
     card = load_card(text, tmp_path)
     assert {"dflash", "speculative-decoding"} <= set(card.data.tags)
     assert "`dflash`" in card.text and "## Serve with vLLM" in card.text
@@ -125,7 +125,7 @@ def test_unknown_family_falls_back_to_the_base_template(tmp_path):
 
 
 def test_every_family_has_a_template_that_ships():
-    names = {p.name for p in hub.TEMPLATES_DIR.glob("*.md.j2")}
+    names = {p.name for p in hub.cards.TEMPLATES_DIR.glob("*.md.j2")}
     assert {f"{f}.md.j2" for f in FAMILIES} | {"base.md.j2"} <= names
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert "[tool.setuptools.package-data]\n" in pyproject and '"model_cards/*.md.j2"' in pyproject
@@ -241,7 +241,7 @@ def test_card_for_folder_adds_the_repo_id_and_keeps_the_inputs(tmp_path):
     draft.card_info = {"results": RESULT, "license": "mit"}
     draft.save_pretrained(tmp_path)
     text = hub.card_for_folder(tmp_path, repo_id=REPO_ID)
-    assert text is not None and f'"model": "{REPO_ID}"' in text and hub.REPO_PLACEHOLDER not in text
+    assert text is not None and f'"model": "{REPO_ID}"' in text and hub.cards.REPO_PLACEHOLDER not in text
     assert "3.9" in text and "license: mit" in text
     assert f"{sum(p.numel() for p in draft.parameters()):,}" in text
     (tmp_path / "README.md").write_text("mine\n")
@@ -250,13 +250,13 @@ def test_card_for_folder_adds_the_repo_id_and_keeps_the_inputs(tmp_path):
 
 def test_json_comment_cannot_close_early():
     inputs = {"notes": "a --> b <!-- c", "results": RESULT}
-    text = hub.GENERATED_MARK + "\n" + hub._json_comment(inputs)
+    text = hub.GENERATED_MARK + "\n" + hub.cards._json_comment(inputs)
     assert text.count("-->") == 2
     assert hub.card_inputs_of(text) == inputs
 
 
 def test_draft_push_to_hub_is_the_one_commit_push():
-    assert sh.SpeculatorModel.push_to_hub is hub._draft_push_to_hub
+    assert sh.SpeculatorModel.push_to_hub is hub.draft_push_to_hub
     assert sh.SpeculatorModel.card_writer is hub.write_model_card
 
 

@@ -17,6 +17,11 @@ that applies it (`eagle3.py`, `specforge.py`, `speculators.py`, `eagle.py`, `med
 (and `export_checkpoint(folder, model, spec, ctx)` when it can be written too). Formats recognised
 but not converted yet have `status: planned` specs, so `--from auto` names them.
 
+What the modules share, one concern each: `formats.py` (the specs), `expressions.py` (the specs' tiny
+expression language), `sources.py` (reading a source safely, detection), `tensors.py` (renaming, layouts,
+shape/dtype/value checks), `verifier.py` (`--verifier`), `output.py` (overrides, the verifier reference,
+building the model, atomic output, native exports read back), `errors.py`.
+
 Safety: sources are only read (safetensors, or pickles through `torch.load(weights_only=True)`); only
 safetensors are written; the output folder is built beside DST and renamed into place, so a failure
 leaves no DST; every mismatch (shape, dtype, vocabulary, verifier) is an error naming the tensor or
@@ -35,23 +40,20 @@ from typing import Any
 
 import torch
 
-from .core import (
-    HUB_ID,
-    ConversionError,
+from ..loading import is_hub_id
+from .errors import ConversionError
+from .formats import (
     FormatSpec,
-    Source,
-    VerifierRef,
     all_export_targets,
     all_specs,
-    atomic_output,
-    check_destination,
-    detect_format,
     exporter_for,
     known_checkpoints,
     load_spec,
-    open_source,
     supported_formats,
 )
+from .output import atomic_output, check_destination, same_bits
+from .sources import Source, detect_format, open_source
+from .verifier import VerifierRef
 
 __all__ = [
     "ConversionError",
@@ -136,7 +138,7 @@ def convert(
     if to != "ours" and to not in all_export_targets():
         raise ConversionError(f"cannot export to {to!r}; export targets: ours, {', '.join(all_export_targets())}")
     for what, value in (("verifier_id", verifier_id), ("repo_id", repo_id)):
-        if value is not None and not HUB_ID.match(value):
+        if value is not None and not is_hub_id(value, namespaced=True):
             raise ConversionError(f"{what} {value!r} is not a Hub id: pass it as ORG/NAME")
     cast = _dtype(dtype)
     source: Source = open_source(src, **hub_kwargs)
@@ -203,11 +205,5 @@ def _check_written(folder: Path, model: Any) -> None:
     reloaded = type(model).from_pretrained(folder, dtype="auto")
     written, original = reloaded.state_dict(), model.state_dict()
     for name, tensor in original.items():
-        same = written[name].dtype == tensor.dtype and torch.equal(_bits(written[name]), _bits(tensor))
-        if not same:
+        if not same_bits(written[name], tensor):
             raise ConversionError(f"the written checkpoint differs from the converted tensors at {name}")
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor (NaN compares equal to the same NaN)."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

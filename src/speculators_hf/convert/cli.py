@@ -51,7 +51,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    from .core import all_export_targets, all_specs
+    from .formats import all_export_targets, all_specs
 
     formats = sorted(name for name, spec in all_specs().items() if spec.status == "supported")
     planned = sorted(name for name, spec in all_specs().items() if spec.status == "planned")

@@ -24,21 +24,12 @@ import torch
 from ..config import SpeculatorConfigError, default_speculators_config
 from ..models.eagle import EagleSpeculator, EagleSpeculatorConfig
 from . import eagle3
-from .core import (
-    ConversionError,
-    FormatSpec,
-    Source,
-    apply_overrides,
-    bind_reference,
-    build_model,
-    check_reimport,
-    check_tensors,
-    map_fields,
-    refuse_non_finite,
-    rename_tensors,
-    source_environment,
-    write_native,
-)
+from .errors import ConversionError
+from .expressions import map_fields, source_environment
+from .formats import FormatSpec
+from .output import apply_overrides, bind_reference, build_model, check_reimport, write_native
+from .sources import Source
+from .tensors import check_tensors, rename_tensors
 
 EMBED = "embed_tokens.weight"
 
@@ -73,7 +64,6 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> EagleSpecul
     bind_reference(config, ctx, source.label, layer_config.vocab_size, layer_config.hidden_size, "EAGLE draft")
     shape_env = dict(layer_config.to_dict())
     dtype = check_tensors(tensors, origin, spec.tensors, shape_env, source.label)
-    refuse_non_finite(tensors, origin, source.label)
     if EMBED not in tensors:
         add_verifier_embedding(config, tensors, spec, ctx, dtype, source.label)
     return build_model(EagleSpeculator, config, tensors, origin, dtype, source.label)

@@ -20,19 +20,13 @@ import torch
 
 from ..config import SpeculatorConfigError, default_speculators_config
 from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids, vocab_map_problems
-from . import core
-from .core import (
-    ConversionError,
-    FormatSpec,
-    Source,
-    apply_overrides,
-    bind_reference,
-    check_tensors,
-    evaluate,
-    map_fields,
-    rename_tensors,
-    source_environment,
-)
+from . import output
+from .errors import ConversionError
+from .expressions import evaluate, map_fields, source_environment
+from .formats import FormatSpec
+from .output import apply_overrides, bind_reference
+from .sources import Source
+from .tensors import check_tensors, rename_tensors
 
 EMBED = "embed_tokens.weight"
 
@@ -192,7 +186,7 @@ def build_model(
     dtype: torch.dtype,
     label: str,
 ) -> Eagle3Speculator:
-    return core.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)
+    return output.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)
 
 
 def finish(
@@ -222,7 +216,6 @@ def finish(
             f"{config.eagle_aux_hidden_state_layer_ids} ({spec.aux_layers.why})"
         )
     dtype = check_tensors(tensors, origin, spec.tensors, shape_environment(config), label)
-    core.refuse_non_finite(tensors, origin, label)
     map_vocab(config, tensors, origin, label, ctx.log, spec.vocab.get("full_vocab_mapping", "error"))
     add_embedding(config, tensors, spec, ctx, dtype, label)
     try:

@@ -29,24 +29,19 @@ import torch
 
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfigError
 from ..models.medusa import MedusaSpeculator, MedusaSpeculatorConfig
-from .core import (
-    ConversionError,
-    FormatSpec,
-    Source,
+from .errors import ConversionError
+from .expressions import map_fields, source_environment
+from .formats import FormatSpec
+from .output import (
     apply_overrides,
     bind_reference,
     build_model,
     check_reimport,
-    check_tensors,
-    expand_layout,
-    map_fields,
-    our_name,
-    refuse_non_finite,
-    rename_tensors,
     same_bits,
-    source_environment,
     write_native,
 )
+from .sources import Source
+from .tensors import check_tensors, expand_layout, our_name, rename_tensors
 
 HEAD = re.compile(r"(?:blocks|lm_heads)\.(\d+)\.")
 
@@ -92,7 +87,6 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MedusaSpecu
     layout = expand_layout(spec.tensors, shape_env, source.label)
     tensors, origin = rename_tensors(raw, layout, source.label, ctx.log)
     dtype = check_tensors(tensors, origin, layout, shape_env, source.label)
-    refuse_non_finite(tensors, origin, source.label)
     if spec.name == "medusa_vllm":
         _vllm_biases(tensors, env, heads, layers, hidden, dtype, ctx.log)
     if layers > 1:

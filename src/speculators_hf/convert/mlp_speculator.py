@@ -17,23 +17,19 @@ import torch
 
 from ..config import SpeculatorConfigError
 from ..models.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
-from .core import (
-    ConversionError,
-    FormatSpec,
-    Source,
+from .errors import ConversionError
+from .expressions import map_fields, source_environment
+from .formats import FormatSpec
+from .output import (
     apply_overrides,
     bind_reference,
     build_model,
     check_reimport,
-    check_tensors,
-    expand_layout,
-    map_fields,
-    refuse_non_finite,
-    rename_tensors,
     same_bits,
-    source_environment,
     write_native,
 )
+from .sources import Source
+from .tensors import check_tensors, expand_layout, rename_tensors
 
 
 def tied_groups(n_predict: int) -> list[list[str]]:
@@ -65,7 +61,6 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> MLPSpeculat
     layout = expand_layout(spec.tensors, shape_env, source.label)
     tensors, origin = rename_tensors(source.tensors(), layout, source.label, ctx.log)
     dtype = check_tensors(tensors, origin, layout, shape_env, source.label)
-    refuse_non_finite(tensors, origin, source.label)
     if config.tie_weights:
         for group in tied_groups(config.n_predict):
             first = tensors[group[0]]

@@ -8,7 +8,10 @@ from typing import Any
 from ..config import SpeculatorConfig, SpeculatorConfigError
 from ..models import FAMILIES
 from ..models.base import SpeculatorLoadError
-from .core import ConversionError, FormatSpec, Source, apply_overrides, bind_reference
+from .errors import ConversionError
+from .formats import FormatSpec
+from .output import apply_overrides, bind_reference
+from .sources import Source
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:

@@ -12,7 +12,8 @@ from typing import Any
 
 from ..models.eagle3 import Eagle3Speculator
 from . import eagle3
-from .core import FormatSpec, Source
+from .formats import FormatSpec
+from .sources import Source
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:

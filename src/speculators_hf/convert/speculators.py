@@ -21,19 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SpeculatorConfig, SpeculatorConfigError
+from ..loading import looks_like_local_path
 from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from . import eagle3
-from .core import (
-    HUB_ID,
-    MISSING,
-    ConversionError,
-    FormatSpec,
-    Source,
-    get_path,
-    rename_tensors,
-    safetensors_names,
-    source_environment,
-)
+from .errors import ConversionError
+from .expressions import MISSING, get_path, source_environment
+from .formats import FormatSpec
+from .sources import Source, safetensors_names
+from .tensors import rename_tensors
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:
@@ -65,13 +60,13 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
             f"export to {spec.name}: model_type {config.get('model_type')!r} is not one of {rules.model_type_allowed}"
         )
     name = config["speculators_config"]["verifier"]["name_or_path"]
-    if not name or not (HUB_ID.match(name) or Path(name).exists()):
+    if not name or (looks_like_local_path(name) and not Path(name).exists()):
         raise ConversionError(
             f"export to {spec.name}: speculators_config.verifier.name_or_path is {name!r}; vLLM uses it verbatim "
             "(relative to its working directory) to load the verifier, so it must be a Hub id or an existing "
             "path. Pass --verifier-id ORG/NAME (or --verifier ID_OR_PATH)."
         )
-    if not HUB_ID.match(name) or Path(name).exists():
+    if looks_like_local_path(name):
         ctx.log(
             f"warning: the export names its verifier by the local path {name!r} "
             "(speculators_config.verifier.name_or_path): vLLM serving this draft without an explicit verifier "
