@@ -32,6 +32,7 @@ import torch
 from stdlib_prompts import prompt_records
 
 import speculators_hf as sh
+from speculators_hf.bench import cpu_model
 from speculators_hf.training import DraftDataset, TrainConfig, cache_features, measure_acceptance, select_draft_vocab
 from speculators_hf.training import train as train_draft
 from speculators_hf.training.data import (
@@ -175,6 +176,7 @@ def main() -> None:
         },
         "tau": "tokens per verifier forward pass, greedy, draft length 5, 64 new tokens per prompt",
         "machine": {
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),

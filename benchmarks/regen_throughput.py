@@ -23,6 +23,7 @@ import torch
 from stdlib_prompts import prompt_records
 
 import speculators_hf.training.data as data
+from speculators_hf.bench import cpu_model
 from speculators_hf.zoo import load_zoo_draft, zoo_tokenizer
 
 
@@ -76,6 +77,7 @@ def main() -> None:
         + f"--batch-sizes {args.batch_sizes}",
         "verifier": "speculators-hf/zoo-verifier (benchmarks/zoo)",
         "machine": {
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
