@@ -1,9 +1,9 @@
-"""BENCHMARKS.md from the stored results: every table is generated from a results file in the repo.
+"""BENCHMARKS.md and the README's measured tables from the stored results: each is generated from a results file.
 
-    python benchmarks/report.py            # rewrite the generated blocks of BENCHMARKS.md
-    python benchmarks/report.py --check    # exit 1 if BENCHMARKS.md differs from what the results give
+    python benchmarks/report.py            # rewrite the generated blocks of BENCHMARKS.md and README.md
+    python benchmarks/report.py --check    # exit 1 if either differs from what the results give
 
-A generated block is delimited in BENCHMARKS.md by
+A generated block is delimited by
 
     <!-- generated: KIND PATH -->
     ...
@@ -11,9 +11,9 @@ A generated block is delimited in BENCHMARKS.md by
 
 where KIND says how to render the results file(s) at PATH (a glob for `ab`): `bench` (`speculators-hf bench`'s
 results.json: the run's command and machine, then its table and the verifier's pass cost by width), `ab`
-(`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`).
-The prose around the blocks may only quote figures that appear in a block (`figures_without_a_source`;
-tests/unit/test_benchmarks_doc.py checks both rules).
+(`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`),
+`walkthrough` (`benchmarks/walkthrough.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
+block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "BENCHMARKS.md"
+DOCS = (DOC, ROOT / "README.md")
 BLOCK = re.compile(r"(<!-- generated: (\w+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
 # figures: decimals (1.99, 3.78x), percentages (78%) and "Nx" speedups; plain integers (12 prompts) are not figures
 FIGURE = re.compile(r"(?<![\w.])\d+\.\d+x?(?![\w.])|(?<![\w.])\d+%|(?<![\w.])\d+x(?![\w])")
@@ -100,6 +101,37 @@ def _vocab(path: Path) -> str:
     )
 
 
+def _walkthrough(path: Path) -> str:
+    data = json.loads(path.read_text())
+    what = {
+        "zoo demo": "`make demo`: the zoo verifier with and without its EAGLE-3 draft, {demo_runs} runs each: "
+        "identical {identical}, tau {tau:.2f}, speedup {speedup:.2f}x",
+        "data": "{reply_tokens} reply tokens at {regen_tokens_per_s:.1f} tokens/s (batches of 16), {blocks} blocks of "
+        "{seq_len} tokens",
+        "train": "60 steps of 4 blocks, verifier hidden states computed on the fly, evaluation: tau {eval_tau:.2f} "
+        "(a {draft_parameters_m}M-parameter draft with {draft_vocab} draft tokens, {embedding_parameters_m}M of it the "
+        "verifier's embedding; {full_vocab_parameters_m}M with the whole vocabulary)",
+        "demo": "load both, generate with and without the draft, {demo_runs} runs each: identical {identical}, "
+        "{output_tokens:.0f} tokens, tau {tau:.2f}, speedup {speedup:.2f}x (this barely trained draft costs more than it saves)",
+        "convert": "export with the verifier id, bf16 ({input_mb} MB -> {output_mb} MB), the card",
+    }
+    lines = [
+        f"Run `{path.relative_to(ROOT)}` (`benchmarks/walkthrough.py`) on {data['cpu_model']} ({data['cpu_count']} "
+        f"cores, {data['torch_threads']} torch threads), torch {data['torch']}, transformers {data['transformers']}"
+        f"{'; ' + data['note'] if data.get('note') else ''}; each command alone on the machine, peak RSS of its process.",
+        "",
+        "| step | time | peak RSS | what it did |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in data["steps"]:
+        minutes, seconds = divmod(round(row["seconds"]), 60)
+        shown = f"{minutes} min {seconds} s" if minutes else f"{row['seconds']:.1f} s"
+        text = what[row["step"]].format(demo_runs=data["demo_repeats"], **row)
+        lines.append(f"| {row['step']} | {shown} | {row['max_rss_gb']:.1f} GB | {text} |")
+    lines.append("| push | not run | | this machine has no Hub access |")
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -112,6 +144,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "ab": _ab,
     "regen": lambda p: _regen(ROOT / p),
     "vocab": lambda p: _vocab(ROOT / p),
+    "walkthrough": lambda p: _walkthrough(ROOT / p),
 }
 
 
@@ -137,20 +170,21 @@ def figures_without_a_source(text: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that BENCHMARKS.md is up to date")
+    parser.add_argument("--check", action="store_true", help="only check that the docs are up to date")
     args = parser.parse_args()
-    current = DOC.read_text()
-    fresh = render(current)
-    orphans = figures_without_a_source(fresh)
+    failed = False
+    for doc in DOCS:
+        current = doc.read_text()
+        fresh = render(current)
+        if args.check and fresh != current:
+            print(f"{doc.name} differs from its results: run python benchmarks/report.py", file=sys.stderr)
+            failed = True
+        elif not args.check:
+            doc.write_text(fresh)
+    orphans = figures_without_a_source(DOC.read_text() if args.check else render(DOC.read_text()))
     if orphans:
         print(f"BENCHMARKS.md quotes figures that no generated table holds: {orphans}", file=sys.stderr)
-    if args.check:
-        if fresh != current:
-            print("BENCHMARKS.md differs from its results: run python benchmarks/report.py", file=sys.stderr)
-            return 1
-        return 1 if orphans else 0
-    DOC.write_text(fresh)
-    return 1 if orphans else 0
+    return 1 if failed or orphans else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """BENCHMARKS.md has no figure without a stored results file behind it: its tables are generated from the results
-files in the repo (`benchmarks/report.py`), and its prose quotes only figures those tables hold."""
+files in the repo (`benchmarks/report.py`), and its prose quotes only figures those tables hold. The README's
+measured table (the walkthrough's run times) is generated the same way."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def test_benchmarks_md_is_generated_from_the_stored_results():
     assert module.render(text) == text, "BENCHMARKS.md differs from its results: run python benchmarks/report.py"
     assert module.figures_without_a_source(text) == []
     assert len(module.BLOCK.findall(text)) >= 6  # every section's table comes from a file
+
+
+def test_the_readme_walkthrough_table_is_generated_from_its_results():
+    module = report()
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- generated: walkthrough benchmarks/results/walkthrough/results.json -->" in text
+    assert module.render(text) == text, "README.md differs from its results: run python benchmarks/report.py"
 
 
 def test_the_checks_catch_an_edited_table_and_an_unsourced_figure():
