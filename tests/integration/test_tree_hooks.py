@@ -35,6 +35,25 @@ def test_custom_generate_hook_runs_the_tree_loop_from_a_draft_folder(tmp_path):
     assert_rows_exact(verifier, prompts, again, 12)
 
 
+def test_a_hook_file_written_by_an_earlier_version_still_runs(tmp_path):
+    """Drafts pushed before the hook moved out of generation/ import it from there."""
+    verifier = make_verifier("llama")
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    draft.save_pretrained(tmp_path / "draft")
+    write_custom_generate(tmp_path / "draft")
+    hook = tmp_path / "draft" / "custom_generate" / "generate.py"
+    new_import = "from speculators_hf.custom_generate import custom_generate"
+    assert new_import in hook.read_text()
+    hook.write_text(
+        hook.read_text().replace(new_import, new_import.replace(".custom_generate ", ".generation.custom_generate "))
+    )
+    prompts = make_prompts(2, seed=5)
+    ids, mask = left_padded(prompts)
+    out = verifier.generate(input_ids=ids, attention_mask=mask, custom_generate=str(tmp_path / "draft"),
+                            trust_remote_code=True, max_new_tokens=8, do_sample=False)  # fmt: skip
+    assert_rows_exact(verifier, prompts, out, 8)
+
+
 def test_cli_generate_builtin_pair_is_exact(capsys):
     code = main(["generate", "--tree", "dynamic:3:2:6", "--prompt", "a", "--prompt", "longer prompt",
                  "--max-new-tokens", "6", "--check", "--json"])  # fmt: skip
