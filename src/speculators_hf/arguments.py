@@ -100,7 +100,7 @@ def new_dir(text: str) -> Path:
 
 
 def tree_spec(text: str) -> str:
-    """A draft tree (`chain:5`, `dynamic:6:8:48[:beam]`, or a JSON list of rank paths), checked now."""
+    """A draft tree (`chain:5`, `chain:10:0.4`, `dynamic:6:8:48[:beam]`, or a JSON list of rank paths), checked now."""
     from .generation.tree import TreeSpec
 
     try:

@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=new_dir, default="bench_results", help="output folder")
     bench.add_argument(
         "--tree", action="append", type=tree_spec, help="also run each draft in the package's own loop with this tree "
-        "(chain:5, dynamic:6:8:48 = depth:top_k:total_tokens[:beam], or a JSON list of rank paths); repeatable",
+        "(chain:5, chain:10:0.4 = stop where the draft's probability of the chain falls below 0.4, dynamic:6:8:48 = "
+        "depth:top_k:total_tokens[:beam], or a JSON list of rank paths); repeatable",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
@@ -435,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
-    gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
+    gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth[:stop_below]], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
                      "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft length k (built-in pair)")

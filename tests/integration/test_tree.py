@@ -157,6 +157,30 @@ def test_tree_spec_parsing():
     with pytest.raises(ValueError, match="no parent path"):
         TreeSpec.static([[0, 1]])
     assert TreeSpec.dynamic(6, 2).clamped(3).depth == 3
+    assert TreeSpec.parse("chain:10:0.4") == TreeSpec.chain(10, stop_below=0.4)
+    assert TreeSpec.chain(10, stop_below=0.4).clamped(3) == TreeSpec.chain(3, stop_below=0.4)
+    with pytest.raises(ValueError, match=r"stop_below is a probability in \[0, 1\)"):
+        TreeSpec.parse("chain:10:1.5")
+    with pytest.raises(ValueError, match="for chains"):
+        TreeSpec("dynamic", stop_below=0.3)
+    with pytest.raises(ValueError, match="numbers expected"):
+        TreeSpec.parse("chain:10:high")
+
+
+def test_a_chain_stops_where_the_draft_doubts_itself_and_stays_exact():
+    """`chain:D:p` stops drafting once the draft's probability of the whole chain is below p (for every row):
+    fewer tokens drafted per round the higher p, never a different output (the stop reads only the draft)."""
+    verifier = make_verifier(eos_token_id=None)
+    draft = perturbed_copy(verifier, noise=0.08)
+    prompts = make_prompts(4, seed=1)
+    ids, mask = left_padded(prompts)
+    per_round = {}
+    for tree in ("chain:6", "chain:6:0.0", "chain:6:0.01", "chain:6:0.5"):
+        out = sh.generate(verifier, draft, ids, mask, tree=tree, max_new_tokens=24, return_dict_in_generate=True)
+        assert_rows_exact(verifier, prompts, out.sequences, 24)
+        per_round[tree] = out.stats.drafted_tokens / out.stats.draft_rounds
+    assert per_round["chain:6:0.0"] == per_round["chain:6"]  # a probability is never below 0
+    assert per_round["chain:6:0.5"] < per_round["chain:6:0.01"] < per_round["chain:6"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,6 +285,7 @@ def _pit_ks(verifier, draft, prompt, tree, n_rows, calls, max_new_tokens=8, **sa
     [
         ("eagle3", "dynamic:3:3:8", 0),
         ("independent-perturbed", "chain:4", 200),  # drawn from q: accepted with min(1, p/q)
+        ("independent-perturbed", "chain:6:0.3", 100),  # chains cut where the draft's own q of them is low
         ("independent-perturbed", "dynamic:3:2:6", 20),  # top-k siblings (point masses): accepted with p(x)
         ("independent-perturbed", [[0], [1], [0, 0], [1, 0]], 20),
     ],

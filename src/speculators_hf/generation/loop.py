@@ -82,7 +82,7 @@ def generate(
 ) -> torch.Tensor | SpeculativeOutput:
     """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
 
-    `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth]",
+    `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth[:stop_below]]",
     "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), or None for a chain of
     the draft's `speculative_tokens`. Generation settings (`generation_config` and/or keyword arguments,
     defaulting to the verifier's generation config) are applied exactly as `verifier.generate` applies them,

@@ -22,7 +22,7 @@ returned parents first, so a node's parent always has a smaller index.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -39,6 +39,7 @@ class TreeSpec:
     total_tokens: int | None = None  # dynamic: nodes verified per round (default: top_k * depth)
     beam: int | None = None  # dynamic: nodes expanded per depth (default: top_k)
     choices: tuple[tuple[int, ...], ...] = ()  # static: paths of ranks
+    stop_below: float | None = None  # chain: stop drafting once the chain's draft probability falls below this
 
     def __post_init__(self) -> None:
         if self.kind not in ("chain", "dynamic", "static"):
@@ -55,14 +56,16 @@ class TreeSpec:
             object.__setattr__(self, "depth", max(len(p) for p in self.choices))
         if self.depth < 1 or self.top_k < 1 or any(n is not None and n < 1 for n in (self.total_tokens, self.beam)):
             raise ValueError(f"tree depth, top_k, total_tokens and beam must be >= 1, got {self}")
+        if self.stop_below is not None and not (self.kind == "chain" and 0.0 <= self.stop_below < 1.0):
+            raise ValueError(f"stop_below is a probability in [0, 1) for chains, got {self.stop_below} for {self.kind}")
         if self.beam is not None and self.beam > self.top_k:
             raise ValueError(
                 f"tree beam ({self.beam}) cannot exceed top_k ({self.top_k}): a depth has top_k nodes to expand at first"
             )
 
     @classmethod
-    def chain(cls, depth: int) -> TreeSpec:
-        return cls("chain", depth=depth)
+    def chain(cls, depth: int, stop_below: float | None = None) -> TreeSpec:
+        return cls("chain", depth=depth, stop_below=stop_below)
 
     @classmethod
     def dynamic(
@@ -77,7 +80,7 @@ class TreeSpec:
 
     @classmethod
     def parse(cls, value: Any, default_depth: int = 5) -> TreeSpec:
-        """A spec from a `TreeSpec`, None (chain of `default_depth`), "chain[:depth]",
+        """A spec from a `TreeSpec`, None (chain of `default_depth`), "chain[:depth[:stop_below]]",
         "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", or static choices (a list of paths, or its JSON)."""
         if value is None:
             return cls.chain(default_depth)
@@ -89,15 +92,20 @@ class TreeSpec:
             return cls.static(value)
         kind, *numbers = str(value).split(":")
         try:
+            if kind == "chain" and len(numbers) == 2:  # chain:depth:stop_below
+                return cls.chain(int(numbers[0]), stop_below=float(numbers[1]))
             args = [int(n) for n in numbers]
-        except ValueError:
+        except ValueError as error:
+            if "stop_below" in str(error):
+                raise
             raise ValueError(f"cannot read tree spec {value!r}: numbers expected after the kind") from None
         if kind == "chain" and len(args) <= 1:
             return cls.chain(*(args or [default_depth]))
         if kind == "dynamic" and len(args) <= 4:
             return cls.dynamic(*(args or [default_depth]))
         raise ValueError(
-            f"cannot read tree spec {value!r}; use 'chain:5', 'dynamic:5:4:16[:beam]' (depth, top_k, total_tokens) "
+            f"cannot read tree spec {value!r}; use 'chain:5', 'chain:10:0.4' (stop once the draft's probability of "
+            "the chain is below 0.4), 'dynamic:5:4:16[:beam]' (depth, top_k, total_tokens) "
             "or a JSON list of rank paths for a static tree"
         )
 
@@ -118,7 +126,7 @@ class TreeSpec:
             return self
         if self.kind == "static":
             return TreeSpec.static([p for p in self.choices if len(p) <= max_depth])
-        return TreeSpec(self.kind, max_depth, self.top_k, self.total_tokens, beam=self.beam)
+        return replace(self, depth=max_depth)
 
 
 @dataclass
@@ -215,11 +223,19 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
     tokens: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     parents = None
+    confidence = None  # per row: the draft's probability of the whole chain so far
     for depth in range(1, spec.depth + 1):
         path = torch.stack(tokens, dim=1) if tokens else None  # the tokens between the root and this position
         token, token_scores = sampler.pick(logits, path)
         tokens.append(token)
         scores.append(token_scores)
+        if spec.stop_below is not None:
+            # EAGLE-2's observation: the draft's confidence predicts acceptance, so a chain every row of which
+            # the draft itself doubts is not worth extending (the choice reads only the draft: exactness holds)
+            p = torch.softmax(token_scores.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            confidence = p if confidence is None else confidence * p
+            if bool((confidence < spec.stop_below).all()):
+                break
         if depth < spec.depth:
             step_logits, parents = fed.expand(token[:, None], depth, parents)
             logits = step_logits[:, 0]
