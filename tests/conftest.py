@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -22,6 +23,40 @@ from transformers import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny CPU models gain nothing from more threads, and spin badly under load
+
+import speculators_hf as sh  # noqa: E402  (after HF_HUB_OFFLINE: nothing may reach the Hub)
+from speculators_hf.generation.kvcache import DraftTreeState, gather_rows, last_valid  # noqa: E402
+from speculators_hf.generation.sampling import expand_draft_vocab  # noqa: E402
+
+
+class OneTokenDraft(sh.SpeculatorModel):
+    """The smallest draft the contract allows (not registered): one linear head on the verifier's last hidden
+    state at t and the embedding of token t+1 predicts token t+2. A test module gives it a config class with a
+    `hidden_size` field (and whatever else it declares) and registers it as its own family."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.head = nn.Linear(2 * config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, features):
+        return self.head(torch.cat([self.embed(input_ids), features], dim=-1))
+
+    def verifier_layer_ids(self):
+        return self.last_hidden_layer_ids()
+
+    def new_tree_state(self, batch_size, device=None):
+        return DraftTreeState()  # no cache
+
+    def max_tree_depth(self):
+        return 1  # one token ahead
+
+    def tree_extend(self, state, tokens, positions, valid, features):
+        last = last_valid(valid)
+        logits = self(gather_rows(tokens, last)[:, None], gather_rows(features[0], last)[:, None])[:, -1]
+        return expand_draft_vocab(logits, None, self.config.vocab_size), logits.new_zeros(logits.shape[0], 0)
+
 
 VOCAB = 96
 COMMON = dict(

@@ -9,16 +9,13 @@ from typing import Annotated, Any
 
 import pytest
 import torch
-from conftest import assert_greedy_exact, make_prompts, make_verifier
+from conftest import OneTokenDraft, assert_greedy_exact, make_prompts, make_verifier
 from pydantic import Field, StrictInt
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import speculators_hf as sh
 from speculators_hf.cli import main
 from speculators_hf.config import SpeculatorConfig
-from speculators_hf.generation.kvcache import DraftTreeState, gather_rows, last_valid
-from speculators_hf.generation.sampling import expand_draft_vocab
 from speculators_hf.models import FAMILIES
 from speculators_hf.models.objectives import masked_cross_entropy
 
@@ -28,35 +25,12 @@ class ToyConfig(SpeculatorConfig):
     hidden_size: Annotated[StrictInt, Field(gt=0, le=4096)] = 32  # declared once: type, bound and default
 
 
-class ToyDraft(sh.SpeculatorModel):
+class ToyDraft(OneTokenDraft):
     """One linear head on the verifier's last hidden state at t and the embedding of token t+1: predicts t+2."""
 
     config_class = ToyConfig
     title = "Toy draft"
     card_details = (("width (`hidden_size`)", "hidden_size"),)
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.head = nn.Linear(2 * config.hidden_size, config.vocab_size)
-        self.post_init()
-
-    def forward(self, input_ids, features):
-        return self.head(torch.cat([self.embed(input_ids), features], dim=-1))
-
-    def verifier_layer_ids(self):
-        return self.last_hidden_layer_ids()
-
-    def new_tree_state(self, batch_size, device=None):
-        return DraftTreeState()
-
-    def max_tree_depth(self):
-        return 1
-
-    def tree_extend(self, state, tokens, positions, valid, features):
-        last = last_valid(valid)
-        logits = self(gather_rows(tokens, last)[:, None], gather_rows(features[0], last)[:, None])[:, -1]
-        return expand_draft_vocab(logits, None, self.config.vocab_size), logits.new_zeros(logits.shape[0], 0)
 
     def training_loss(self, input_ids, loss_mask, features, steps=None):
         logits = self(input_ids[:, 1:-1], features[0][:, :-2])

@@ -8,15 +8,13 @@ import os
 
 import pytest
 import torch
-from conftest import assert_greedy_exact, fresh_proposals, make_prompts, make_verifier
+from conftest import OneTokenDraft, assert_greedy_exact, fresh_proposals, make_prompts, make_verifier
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 import speculators_hf as sh
 from speculators_hf.config import SpeculatorConfig
 from speculators_hf.generation import Sampler, VerifierBindingError, expand_draft_vocab
-from speculators_hf.generation.kvcache import DraftTreeState, gather_rows, last_valid
 from speculators_hf.models import FAMILIES
 
 
@@ -36,33 +34,10 @@ class SpeculatorTestConfig(SpeculatorConfig):
 
 
 @sh.register_family
-class SpeculatorTestModel(sh.SpeculatorModel):
+class SpeculatorTestModel(OneTokenDraft):
     """Predicts token t+2 from the verifier's last hidden state at t and the embedding of token t+1."""
 
     config_class = SpeculatorTestConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.head = nn.Linear(2 * config.hidden_size, config.vocab_size)
-        self.post_init()
-
-    def forward(self, input_ids, features):
-        return self.head(torch.cat([self.embed(input_ids), features], dim=-1))
-
-    def verifier_layer_ids(self):
-        return [self.config.verifier["num_hidden_layers"]]
-
-    def new_tree_state(self, batch_size, device=None):
-        return DraftTreeState()  # no cache
-
-    def max_tree_depth(self):
-        return 1  # one token ahead
-
-    def tree_extend(self, state, tokens, positions, valid, features):
-        last = last_valid(valid)
-        logits = self(gather_rows(tokens, last)[:, None], gather_rows(features[0], last)[:, None])[:, -1]
-        return expand_draft_vocab(logits, None, self.config.vocab_size), logits.new_zeros(logits.shape[0], 0)
 
     @classmethod
     def config_from_verifier(cls, verifier_config, **overrides):
