@@ -179,16 +179,6 @@ def add_embedding(
     tensors[EMBED] = embedding.to(dtype)
 
 
-def build_model(
-    config: Eagle3SpeculatorConfig,
-    tensors: dict[str, torch.Tensor],
-    origin: dict[str, str],
-    dtype: torch.dtype,
-    label: str,
-) -> Eagle3Speculator:
-    return output.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)
-
-
 def finish(
     config: Eagle3SpeculatorConfig,
     tensors: dict[str, torch.Tensor],
@@ -222,4 +212,4 @@ def finish(
         config.validate_speculator()
     except SpeculatorConfigError as err:
         raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
-    return build_model(config, tensors, origin, dtype, label)
+    return output.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)

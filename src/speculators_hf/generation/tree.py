@@ -91,14 +91,14 @@ class TreeSpec:
         if isinstance(value, (list, tuple)):
             return cls.static(value)
         kind, *numbers = str(value).split(":")
+        probability = numbers.pop() if kind == "chain" and len(numbers) == 2 else None  # chain:depth:stop_below
         try:
-            if kind == "chain" and len(numbers) == 2:  # chain:depth:stop_below
-                return cls.chain(int(numbers[0]), stop_below=float(numbers[1]))
             args = [int(n) for n in numbers]
-        except ValueError as error:
-            if "stop_below" in str(error):
-                raise
+            stop_below = None if probability is None else float(probability)
+        except ValueError:
             raise ValueError(f"cannot read tree spec {value!r}: numbers expected after the kind") from None
+        if stop_below is not None:
+            return cls.chain(args[0], stop_below=stop_below)
         if kind == "chain" and len(args) <= 1:
             return cls.chain(*(args or [default_depth]))
         if kind == "dynamic" and len(args) <= 4:

@@ -1,1 +1,1 @@
-../../blobs/43ea6449964c6e265ab764780f8a6a33ea8756fcc07343411ffeec6d2b9e95fa
+../../blobs/25bb952a03ce63ab9a3963b63cd715fe8f3dec1a2cde627ada7a5b7bab2dc265
