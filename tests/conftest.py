@@ -353,10 +353,10 @@ def propose_with(draft, input_ids: torch.Tensor, states: list[torch.Tensor], num
     sampler = sampler or Sampler(do_sample=False)
     sampler.begin_round([0], [input_ids[0]])
     with torch.no_grad():
-        tokens, scores = feed_and_draft(
+        chain, _ = feed_and_draft(
             draft, draft.new_tree_state(1, input_ids.device), input_ids, 0, features, num_tokens, sampler
         )
-    return tokens, list(scores.unbind(dim=1))
+    return chain.tokens, list(chain.scores.unbind(dim=1))
 
 
 def draft_from_scratch(draft, verifier, input_ids: torch.Tensor, num_tokens: int, sampler=None):

@@ -99,12 +99,32 @@ def new_dir(text: str) -> Path:
     return path
 
 
+def draft_lengths(text: str) -> list[int | str]:
+    """`3,5,7,auto` -> [3, 5, 7, "auto"]: draft lengths, and "auto[:max]" for the adaptive policy."""
+    from .generation.policy import auto_depth
+
+    values: list[int | str] = []
+    for part in text.split(","):
+        try:
+            values.append(part if auto_depth(part) is not None else int(part))
+        except ValueError:
+            values.append(0)
+        if isinstance(values[-1], int) and values[-1] < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated draft lengths >= 1 and 'auto' or 'auto:<max>', such as 3,5,7,auto; got {text!r}"
+            )
+    return values
+
+
 def tree_spec(text: str) -> str:
-    """A draft tree (`chain:5`, `chain:10:0.4`, `dynamic:6:8:48[:beam]`, or a JSON list of rank paths), checked now."""
+    """A draft tree (`chain:5`, `chain:10:0.4`, `dynamic:6:8:48[:beam]`, a JSON list of rank paths, or `auto[:max]`),
+    checked now."""
+    from .generation.policy import auto_depth
     from .generation.tree import TreeSpec
 
     try:
-        TreeSpec.parse(text)
+        if auto_depth(text) is None:
+            TreeSpec.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text

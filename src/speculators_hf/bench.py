@@ -14,11 +14,9 @@ verifier pass over n tokens costs in passes over one token on this machine (`ver
 
 from __future__ import annotations
 
-import itertools
 import json
 import platform
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .generation.policy import interpolate
+from .generation.policy import sync as _sync
 from .generation.stats import GenerationStats
 from .progress import Progress
 
@@ -83,11 +83,6 @@ class _DraftTimer:
             delattr(self.draft, name)  # back to the class methods
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def _run(
     verifier: Any, prompts: list[torch.Tensor], max_new_tokens: int, **kwargs: Any
@@ -132,7 +127,7 @@ def run_bench(
     verifier: Any,
     prompts: list[torch.Tensor],
     drafts: dict[str, Any],
-    k_values: list[int],
+    k_values: list[int | str],
     max_new_tokens: int = 128,
     assistant_lm: Any = None,
     prompt_lookup: bool = True,
@@ -144,7 +139,9 @@ def run_bench(
     progress: bool = True,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
-    `trees`: tree specs (see `TreeSpec.parse`) to also run every draft with in the package's own loop.
+    `k_values`: draft lengths, and "auto[:max]" for a row per draft with `num_assistant_tokens="auto"`.
+    `trees`: tree specs (see `TreeSpec.parse`, and "auto[:max]") to also run every draft with in the package's
+    own loop.
     `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
     on left-padded batches of that many prompts; their speedup is throughput over the verifier alone at
     batch 1, and "identical" compares every row with the verifier alone run on that prompt by itself.
@@ -168,7 +165,7 @@ def run_bench(
 
         return _Method(name, k, measure)
 
-    def draft_method(name: str, draft: Any, k: int) -> _Method:
+    def draft_method(name: str, draft: Any, k: int | str) -> _Method:
         def measure(chunk: list[torch.Tensor], warm: bool) -> _Measured:
             if warm:
                 _run(verifier, chunk[:1], 8, assistant_model=draft, num_assistant_tokens=k)
@@ -182,9 +179,12 @@ def run_bench(
             run.draft_seconds = timer.seconds
             return run
 
-        return _Method(name, k, measure)
+        return _Method(name, k if isinstance(k, int) else None, measure)
 
     for k in k_values:
+        if isinstance(k, str):  # "auto[:max]": our drafts only, the length chosen round by round
+            methods += [draft_method(f"{name} (k {k})", draft, k) for name, draft in drafts.items()]
+            continue
         if assistant_lm is not None:
             methods.append(transformers_method("transformers assisted (small LM)", k, assistant_model=assistant_lm))
         if prompt_lookup:
@@ -196,7 +196,8 @@ def run_bench(
                 _Method(f"{name} (tree {tree})", _tree_depth(tree), partial(_tree_run, verifier, draft, tree, max_new_tokens))
             )  # fmt: skip
     if batch_size > 1:
-        batch_trees = trees or [f"chain:{k_values[len(k_values) // 2]}"]
+        fixed = [k for k in k_values if isinstance(k, int)] or [5]
+        batch_trees = trees or [f"chain:{fixed[len(fixed) // 2]}"]
         runs: list[tuple[str, Any, str | None]] = [(f"verifier alone (batch {batch_size})", None, None)]
         runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
         for label, draft, batch_tree in runs:
@@ -249,72 +250,15 @@ def run_bench(
     return results
 
 
-def interpolate(costs: dict[int, float], width: float) -> float:
-    """The verifier's cost of a pass over `width` tokens (possibly fractional: the mean width of a run's
-    rounds), linear between the measured widths, constant beyond them."""
-    points = sorted((int(n), float(c)) for n, c in costs.items())
-    if width <= points[0][0]:
-        return points[0][1]
-    for (n0, c0), (n1, c1) in itertools.pairwise(points):
-        if width <= n1:
-            return c0 + (c1 - c0) * (width - n0) / (n1 - n0)
-    return points[-1][1]
-
-
 def _median_run(runs: list[_Measured]) -> _Measured:
     return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
 
 
-@torch.inference_mode()
-def verification_costs(verifier: Any, widths: list[int], context: int = 128, samples: int = 30) -> dict[int, float]:
-    """What verifying n tokens at once costs, in passes over one token: the median time of a verifier pass
-    over n new tokens after `context` cached ones (as the package's loop runs it: explicit positions, a 4D
-    mask, a `MaskedCache`), divided by the same for n = 1. This is what decides between chains and trees
-    on a machine: a tree pays when its extra tau outweighs the extra cost of its width."""
-    from .generation.kvcache import MaskedCache, cache_kwargs, causal_block
-
-    vocab = verifier.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(0)
-    cache = MaskedCache(1, verifier.device)
-    ids = torch.randint(vocab, (1, context), generator=generator).to(verifier.device)
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    mask = cache.mask(causal_block(valid), verifier.dtype)
-    verifier(
-        input_ids=ids,
-        position_ids=torch.arange(context, device=ids.device)[None],
-        attention_mask=mask,
-        **cache_kwargs(cache.cache),
-        use_cache=True,
-    )
-    cache.commit(valid)
-    seconds = {}
-    for n in sorted({1, *widths}):
-        block = torch.randint(vocab, (1, n), generator=generator).to(verifier.device)
-        positions = torch.arange(context, context + n, device=block.device)[None]
-        mask = cache.mask(causal_block(torch.ones_like(block, dtype=torch.bool)), verifier.dtype)
-        times = []
-        for i in range(samples + 3):  # 3 warm-up passes
-            _sync(verifier.device)
-            start = time.perf_counter()
-            verifier(
-                input_ids=block,
-                position_ids=positions,
-                attention_mask=mask,
-                **cache_kwargs(cache.cache),
-                use_cache=True,
-            )
-            _sync(verifier.device)
-            cache.truncate()
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-        seconds[n] = statistics.median(times)
-    return {n: t / seconds[1] for n, t in seconds.items()}
-
-
-def _tree_depth(tree: str) -> int:
+def _tree_depth(tree: str) -> int | None:
+    from .generation.policy import auto_depth
     from .generation.tree import TreeSpec
 
-    return TreeSpec.parse(tree).depth
+    return None if auto_depth(tree) is not None else TreeSpec.parse(tree).depth
 
 
 def _batched_run(

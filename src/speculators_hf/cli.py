@@ -15,13 +15,13 @@ import torch
 
 from .arguments import (
     Parser,
+    draft_lengths,
     existing_dir,
     existing_file,
     model_ref,
     new_dir,
     non_negative_int,
     positive_int,
-    positive_int_list,
     tree_spec,
 )
 from .prompts import prompt_ids, use_chat
@@ -142,10 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         machine_description,
         markdown_table,
         run_bench,
-        verification_costs,
         verification_table,
         write_report,
     )
+    from .generation.policy import CALIBRATION_WIDTHS, auto_depth, verification_costs
     from .generation.tree import TreeSpec
     from .loading import load_draft
     from .zoo import load_zoo_draft, zoo_families, zoo_prompts
@@ -184,7 +184,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for draft in drafts.values():
             draft.to(args.device)
     prompts = prompts[: args.num_prompts]
-    widths = [k + 1 for k in k_values] + [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or []]
+    adaptive = [t for t in [*k_values, *(args.tree or [])] if isinstance(t, str) and auto_depth(t) is not None]
+    widths = [k + 1 for k in k_values if isinstance(k, int)]
+    widths += [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or [] if auto_depth(t) is None]
+    widths += list(CALIBRATION_WIDTHS) if adaptive else []  # auto rows draft any length
     costs = verification_costs(verifier, widths)  # first: it also warms the verifier up
     results = run_bench(
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
@@ -400,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=existing_file, help="JSON list of prompt strings (or token id lists)")
     bench.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
     bench.add_argument("--num-prompts", type=positive_int, default=12)
-    bench.add_argument("--k", type=positive_int_list, default=[3, 5, 7], help="draft lengths, e.g. 3,5,7")
+    bench.add_argument(
+        "--k", type=draft_lengths, default=[3, 5, 7], help="draft lengths, e.g. 3,5,7; 'auto' (or auto:<max>) adds a row "
+        "per draft with the length chosen round by round for speed on this machine (num_assistant_tokens='auto')",
+    )  # fmt: skip
     bench.add_argument("--max-new-tokens", type=positive_int, default=96)
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--device", default=None)
@@ -419,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--tree", action="append", type=tree_spec, help="also run each draft in the package's own loop with this tree "
         "(chain:5, chain:10:0.4 = stop where the draft's probability of the chain falls below 0.4, dynamic:6:8:48 = "
-        "depth:top_k:total_tokens[:beam], or a JSON list of rank paths); repeatable",
+        "depth:top_k:total_tokens[:beam], a JSON list of rank paths, or auto[:max] = chosen round by round for speed "
+        "on this machine); repeatable",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
@@ -436,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help=CHAT_HELP)
-    gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth[:stop_below]], dynamic[:depth[:top_k[:total_tokens[:beam]]]] or a "
-                     "JSON list of rank paths (static tree); default: a chain of the draft's length")  # fmt: skip
+    gen.add_argument("--tree", default=None, type=tree_spec, help="chain[:depth[:stop_below]], dynamic[:depth[:top_k[:total_tokens[:beam]]]], a "
+                     "JSON list of rank paths (static tree) or auto[:max] (chosen round by round for speed on this "
+                     "machine); default: a chain of the draft's length")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft length k (built-in pair)")
     gen.add_argument("--do-sample", action="store_true")

@@ -149,6 +149,14 @@ class ProposalMethod(BaseModel):
     verifier_accept_k: PositiveInt = 1
     accept_tolerance: NonNegativeFloat = 0.0
 
+    @model_validator(mode="after")
+    def _adaptive_is_a_bool(self) -> ProposalMethod:
+        # `adaptive` (this package only: choose the draft length round by round) is written only when set
+        adaptive = (self.model_extra or {}).get("adaptive", False)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be true or false, got {adaptive!r}")
+        return self
+
 
 class VerifierReference(BaseModel):
     """The verifier a draft was made for, and its fingerprint.
@@ -315,32 +323,48 @@ class SpeculatorConfig(PretrainedConfig):
         assert self.speculators_config is not None
         return self.speculators_config["verifier"]
 
-    @property
-    def speculative_tokens(self) -> int:
-        """Default draft length: `speculative_tokens` of the default proposal method."""
-        assert self.speculators_config is not None
-        default = self.speculators_config["default_proposal_method"]
-        for method in self.speculators_config["proposal_methods"]:
-            if method["proposal_type"] == default:
-                return int(method["speculative_tokens"])
-        raise SpeculatorConfigError(f"no proposal method {default!r}")
-
-    @speculative_tokens.setter
-    def speculative_tokens(self, value: int) -> None:
-        """Set the default draft length; a value out of bounds (or not an integer) is refused, naming the field,
-        and leaves the config as it was."""
+    def _default_methods(self) -> list[dict[str, Any]]:
         assert self.speculators_config is not None
         default = self.speculators_config["default_proposal_method"]
         methods = [m for m in self.speculators_config["proposal_methods"] if m["proposal_type"] == default]
-        previous = [m["speculative_tokens"] for m in methods]
+        if not methods:
+            raise SpeculatorConfigError(f"no proposal method {default!r}")
+        return methods
+
+    def _set_default_methods(self, name: str, value: Any) -> None:
+        """Set `name` in the default proposal method(s); a value the schema refuses is refused, naming the
+        field, and leaves the config as it was."""
+        methods = self._default_methods()
+        previous = [dict(m) for m in methods]
         for method in methods:
-            method["speculative_tokens"] = value
+            method[name] = value
         try:
             self.validate_speculator()
         except SpeculatorConfigError:
             for method, old in zip(methods, previous):
-                method["speculative_tokens"] = old
+                method.clear()
+                method.update(old)
             raise
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Default draft length: `speculative_tokens` of the default proposal method."""
+        return int(self._default_methods()[0]["speculative_tokens"])
+
+    @speculative_tokens.setter
+    def speculative_tokens(self, value: int) -> None:
+        self._set_default_methods("speculative_tokens", value)
+
+    @property
+    def adaptive_drafting(self) -> bool:
+        """Whether the draft chooses its length round by round by default (`adaptive` in the default proposal
+        method; `speculative_tokens` stays the fixed length other readers such as vLLM use). A per-call
+        `num_assistant_tokens` or `tree` overrides it."""
+        return bool(self._default_methods()[0].get("adaptive", False))
+
+    @adaptive_drafting.setter
+    def adaptive_drafting(self, value: bool) -> None:
+        self._set_default_methods("adaptive", value)
 
     # The verifier's token space, as transformers' assisted generation and `pipeline` compare it.
     vocab_size = property(

@@ -43,6 +43,8 @@ CASES = {
     "demo: zero tokens": (["demo", "--max-new-tokens", "0"], 2, ["--max-new-tokens", ">= 1"]),
     "demo: not a draft": (["demo", "--draft", "{empty}"], 1, ["config.json"]),
     "bench: bad k": (["bench", "--k", "3,x"], 2, ["--k", "3,x"]),
+    "bench: bad auto k": (["bench", "--k", "3,auto:x"], 2, ["--k", "3,auto:x", "auto:<max>"]),
+    "bench: zero k": (["bench", "--k", "0,auto"], 2, ["--k", ">= 1"]),
     "bench: bad tree": (["bench", "--tree", "bushy"], 2, ["--tree", "bushy"]),
     "bench: out is a file": (["bench", "--out", "{file}"], 2, ["--out", "is a file"]),
     "bench: missing prompts": (["bench", "--prompts", "{missing}"], 2, ["--prompts", "no such file"]),

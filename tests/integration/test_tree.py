@@ -168,7 +168,7 @@ def test_tree_spec_parsing():
 
 
 def test_a_chain_stops_where_the_draft_doubts_itself_and_stays_exact():
-    """`chain:D:p` stops drafting once the draft's probability of the whole chain is below p (for every row):
+    """`chain:D:p` stops drafting once the draft's probability of the whole chain is below p (mean over rows):
     fewer tokens drafted per round the higher p, never a different output (the stop reads only the draft)."""
     verifier = make_verifier(eos_token_id=None)
     draft = perturbed_copy(verifier, noise=0.08)

@@ -14,10 +14,10 @@ from speculators_hf.bench import (
     markdown_table,
     plot_results,
     run_bench,
-    verification_costs,
     verification_table,
     write_report,
 )
+from speculators_hf.generation.policy import verification_costs
 
 
 def test_bench_runs_every_method_and_checks_exactness(tmp_path):

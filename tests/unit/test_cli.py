@@ -78,6 +78,16 @@ def test_bench_cli_on_the_zoo(tmp_path, capsys):
     assert meta["repeats"] == 2 and sorted(meta["verification_cost"]) == ["1", "3", "5"]
 
 
+def test_bench_cli_auto_rows(tmp_path, capsys):
+    """`--k auto` adds a row per draft in transformers' loop, `--tree auto` one in the own loop, both exact."""
+    args = ["bench", "--families", "eagle3", "--k", "2,auto", "--num-prompts", "1", "--max-new-tokens", "6",
+            "--no-prompt-lookup", "--tree", "auto:4", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| eagle3 (k auto) |  |" in printed and "| eagle3 (tree auto:4) |  |" in printed
+    assert "| NO |" not in printed
+
+
 @pytest.fixture
 def chat_pair(tmp_path, chat_tokenizer):
     """A verifier folder with a chat tokenizer, and a draft folder that names it."""

@@ -83,6 +83,8 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
             layer["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
     for key in rules.drop_config_keys:
         config.pop(key, None)
+    for method in config["speculators_config"].get("proposal_methods") or []:
+        method.pop("adaptive", None)  # this package's own switch (draft length chosen round by round)
     for pattern in rules.drop_files:
         for path in folder.glob(pattern):
             path.unlink()

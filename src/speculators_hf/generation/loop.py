@@ -19,6 +19,7 @@ verifier's own forward pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,11 @@ from transformers import GenerationConfig
 from .acceptance import accept_greedy, accept_sampling
 from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
+from .policy import Round, drafting_for, sync
 from .sampling import Sampler
 from .settings import eos_token_ids, prepare_config, row_decodings
 from .stats import GenerationStats
-from .tree import TreeSpec, build_tree
+from .tree import build_tree
 
 
 @dataclass
@@ -83,17 +85,17 @@ def generate(
     """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
 
     `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth[:stop_below]]",
-    "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), or None for a chain of
-    the draft's `speculative_tokens`. Generation settings (`generation_config` and/or keyword arguments,
-    defaulting to the verifier's generation config) are applied exactly as `verifier.generate` applies them,
-    or refused with an error naming them (see `speculators_hf.generation.settings`). Each row is generated as
-    the verifier generates its prompt alone: greedy output equals it token for token, sampled output follows
-    its distribution. The draft never drafts past the tokens a row may still emit.
+    "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), "auto[:max_depth]"
+    (each round's draft chosen for speed on this device, see `speculators_hf.generation.policy`), or None
+    for a chain of the draft's `speculative_tokens`. Generation settings (`generation_config` and/or keyword
+    arguments, defaulting to the verifier's generation config) are applied exactly as `verifier.generate`
+    applies them, or refused with an error naming them (see `speculators_hf.generation.settings`). Each row
+    is generated as the verifier generates its prompt alone: greedy output equals it token for token, sampled
+    output follows its distribution. The draft never drafts past the tokens a row may still emit.
     Returns the sequences [B * num_return_sequences, n + new] (the prompt as given, then the new tokens,
     padded with the pad id), or a `SpeculativeOutput` with per-row stats. `draft.generation_stats` holds the
     summed stats."""
     config, default_max_length, default_min_length = prepare_config(verifier, generation_config, kwargs)
-    spec = TreeSpec.parse(tree, default_depth=int(draft.config.speculative_tokens or 5))
     _check_verifier(verifier)
     if getattr(draft, "verifier", None) is not verifier:
         draft.bind_verifier(verifier)
@@ -112,6 +114,9 @@ def generate(
     pad = config.pad_token_id if config.pad_token_id is not None else (min(eos) if eos else 0)
     sampler = Sampler(bool(config.do_sample), generator, [d.processors for d in decodings])
     dtype = verifier.dtype
+    # before the tap is armed: an adaptive policy's calibration passes are not this generation's
+    drafting = drafting_for(verifier, draft, tree, batch_size=batch)
+    last_round: Round | None = None  # what the policy observes once it is over
 
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     row_stats = [GenerationStats() for _ in range(batch)]
@@ -186,8 +191,14 @@ def generate(
                 sampler.begin_round(rows.tolist(), contexts())
                 # never draft past what a row may still emit: a round emits the accepted nodes plus one token
                 room = max(max_new[r] - len(new_tokens[r]) for r in rows.tolist())
-                round_spec = spec.clamped(max(room - 1, 1))
+                round_start = time.perf_counter()
+                if last_round is not None:  # a round lasts from one draft to the next
+                    drafting.observe(last_round, round_start)
+                round_spec = drafting.spec(max(room - 1, 1))
                 drafted = build_tree(draft, state, round_spec, sampler, root_logits, root_handle, root_positions)
+                if drafting.timed:
+                    sync(device)
+                draft_seconds = time.perf_counter() - round_start
                 if state.cache is not None:
                     state.cache.truncate()
                 block_tokens = torch.cat([root[:, None], drafted.tokens], dim=1)
@@ -217,6 +228,8 @@ def generate(
                     row_stats[row].verifier_forwards += 1
                     row_stats[row].draft_rounds += 1
                     row_stats[row].drafted_tokens += drafted.size
+                if drafting.timed:
+                    last_round = Round.of(drafted, round_start, draft_seconds, counts.float().mean().item())
                 done = emit(emitted, counts)
                 if done.all():
                     break

@@ -9,19 +9,25 @@ newest one (`tree.build_tree` with a chain, a width-1 tree) by the `Sampler` hol
 processors, and the drafted entries are dropped from the draft's cache again (they were computed from the
 draft's own guesses). A round therefore costs O(k) draft work, whatever the sequence length.
 
+With an adaptive policy (`num_assistant_tokens="auto"`), k is the policy's maximum and the chain stops
+where the policy says: the assisted loop verifies the shorter candidate as it is, and the next round's
+`input_ids` tell how many of the drafted tokens the verifier kept (`policy.AdaptiveDrafting.observe`).
+
 The assisted loop also calls `get_seq_length()` and `crop()` on it, with a target suited to independent
 LMs; the session ignores those crops and resynchronises from `input_ids` itself.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .policy import AdaptiveDrafting, Round, sync
 from .sampling import Sampler, point_mass
 from .stats import GenerationStats
-from .tree import TreeSpec, build_tree
+from .tree import DraftTree, TreeSpec, build_tree
 
 if TYPE_CHECKING:
     from .capture import VerifierTap
@@ -35,28 +41,38 @@ def feed_and_draft(
     features: list[torch.Tensor],
     num_tokens: int,
     sampler: Sampler,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stop_below: float | None = None,
+) -> tuple[DraftTree, float]:
     """Feed one sequence's tokens at positions start, start+1, ... (`tokens` [1, A]; `features`: the verifier's
     hidden states at the positions before them, start - 1 first, one [1, A, H] tensor per layer id), then draft a
-    chain of `num_tokens` after the last of them and drop the drafted entries from `state` again.
-    Returns (tokens [1, k], the processed scores [1, k, V] each was picked from); k may be below `num_tokens`
-    for drafts that cannot predict that far (`max_tree_depth`)."""
+    chain of `num_tokens` after the last of them (stopped early once the draft's probability of the chain is
+    below `stop_below`) and drop the drafted entries from `state` again.
+    Returns the chain (its `tokens` [1, k] and the processed `scores` [1, k, V] each was picked from) and the
+    seconds it took after the feed; k may be below `num_tokens` for drafts that cannot predict that far
+    (`max_tree_depth`) and where the chain stopped early."""
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
     valid = torch.ones_like(tokens, dtype=torch.bool)
     root_logits, root_handle = draft.tree_extend(state, tokens, positions, valid, features)
-    chain = build_tree(draft, state, TreeSpec.chain(num_tokens), sampler, root_logits, root_handle, positions[:, -1])
+    sync(tokens.device)
+    began = time.perf_counter()
+    chain = build_tree(
+        draft, state, TreeSpec.chain(num_tokens, stop_below), sampler, root_logits, root_handle, positions[:, -1]
+    )
     if state.cache is not None:
         state.cache.truncate()
-    assert chain.scores is not None
-    return chain.tokens, chain.scores
+    sync(tokens.device)
+    return chain, time.perf_counter() - began
 
 
 class DraftSession:
     """Per-generation draft state, returned to transformers as the draft's cache."""
 
-    def __init__(self, draft: Any, tap: VerifierTap):
+    def __init__(self, draft: Any, tap: VerifierTap, policy: AdaptiveDrafting | None = None):
         self.draft = draft
         self.tap = tap
+        self.policy = policy  # None: chains of the length transformers asks for
+        # the previous round: (sequence length before it, its chain, the chain's seconds, when the round began)
+        self.last_round: tuple[int, DraftTree, float, float] | None = None
         self.state = draft.new_tree_state(1, draft.device)
         self.fed = 0  # tokens of the sequence fed to the draft so far (positions 0 .. fed-1)
         self.prompt_length: int | None = None
@@ -88,6 +104,14 @@ class DraftSession:
         self.stats.draft_rounds += 1
         self.stats.verifier_forwards = self.tap.forwards
         self.stats.emitted_tokens = n - self.prompt_length
+        round_start = time.perf_counter()  # a round: from one draft call to the next
+        if self.policy is not None and self.last_round is not None:
+            before, chain, seconds, started = self.last_round  # the sequence grew by what was kept, plus one
+            self.policy.observe(Round.of(chain, started, seconds, emitted=n - before), round_start)
+        stop_below = None
+        if self.policy is not None:
+            spec = self.policy.spec(num_tokens)
+            num_tokens, stop_below = spec.depth, spec.stop_below
 
         device = self.draft.device
         if self.draft.verifier_layer_ids():
@@ -105,9 +129,19 @@ class DraftSession:
         else:
             features = []
         sampler.begin_round([0], [input_ids[0]])
-        tokens, scores = feed_and_draft(
-            self.draft, self.state, input_ids[:, self.fed :].to(device), self.fed, features, num_tokens, sampler
+        chain, chain_seconds = feed_and_draft(
+            self.draft,
+            self.state,
+            input_ids[:, self.fed :].to(device),
+            self.fed,
+            features,
+            num_tokens,
+            sampler,
+            stop_below,
         )
+        self.last_round = (n, chain, chain_seconds, round_start)
+        tokens, scores = chain.tokens, chain.scores
+        assert scores is not None  # a chain keeps the scores it was picked from
         self.fed = n
         self.stats.drafted_tokens += tokens.shape[1]
         self.tokens = torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)

@@ -39,7 +39,7 @@ class TreeSpec:
     total_tokens: int | None = None  # dynamic: nodes verified per round (default: top_k * depth)
     beam: int | None = None  # dynamic: nodes expanded per depth (default: top_k)
     choices: tuple[tuple[int, ...], ...] = ()  # static: paths of ranks
-    stop_below: float | None = None  # chain: stop drafting once the chain's draft probability falls below this
+    stop_below: float | None = None  # chain: stop once the draft's probability of the chain (row mean) is below
 
     def __post_init__(self) -> None:
         if self.kind not in ("chain", "dynamic", "static"):
@@ -143,6 +143,7 @@ class DraftTree:
     max_depth: int
     q: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None  # chains stopped on confidence: [B, N] the draft's p of the chain so far
 
     @property
     def size(self) -> int:
@@ -223,18 +224,19 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
     tokens: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     parents = None
-    confidence = None  # per row: the draft's probability of the whole chain so far
+    confidence: list[torch.Tensor] = []  # per depth and row: the draft's probability of the whole chain so far
     for depth in range(1, spec.depth + 1):
         path = torch.stack(tokens, dim=1) if tokens else None  # the tokens between the root and this position
         token, token_scores = sampler.pick(logits, path)
         tokens.append(token)
         scores.append(token_scores)
         if spec.stop_below is not None:
-            # EAGLE-2's observation: the draft's confidence predicts acceptance, so a chain every row of which
-            # the draft itself doubts is not worth extending (the choice reads only the draft: exactness holds)
+            # EAGLE-2's observation: the draft's confidence predicts acceptance, so a chain the draft itself
+            # doubts is not worth extending; in a batch, one more depth costs every row a column, so the rows'
+            # mean decides (the choice reads only the draft: exactness holds)
             p = torch.softmax(token_scores.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
-            confidence = p if confidence is None else confidence * p
-            if bool((confidence < spec.stop_below).all()):
+            confidence.append(p * confidence[-1] if confidence else p)
+            if bool(confidence[-1].mean() < spec.stop_below):
                 break
         if depth < spec.depth:
             step_logits, parents = fed.expand(token[:, None], depth, parents)
@@ -250,6 +252,7 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
         max_depth=n,
         q=torch.softmax(chain_scores, dim=-1) if sampler.do_sample else None,  # drawn from these: accept p/q
         scores=chain_scores,
+        confidence=torch.stack(confidence, dim=1) if confidence else None,
     )
 
 

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
 from ..generation.kvcache import OUTPUT_CACHE_FIELD, DraftTreeState, MaskedCache
+from ..generation.policy import AdaptiveDrafting, adaptive_drafting, auto_depth
 from ..generation.sampling import Sampler
 from ..generation.session import DraftSession
 from ..generation.stats import GenerationStats
@@ -121,6 +122,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         self._binding: dict[str, Any] | None = None
         self._verifier_layers: int | None = None  # num_hidden_layers of the bound verifier
         self._last_stats = GenerationStats()
+        self._policy: AdaptiveDrafting | None = None  # of the current verifier.generate(num_assistant_tokens="auto")
 
     # ---------------------------------------------------------------------------------------------
     # what a family defines
@@ -281,10 +283,17 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             if kwargs.get("assistant_model") is not self:
                 return original_generate(*args, **kwargs)
             # transformers reads the draft length from the draft's generation config; a per-call
-            # `num_assistant_tokens` overrides `speculative_tokens` for this call only.
-            self.generation_config.num_assistant_tokens = (
-                kwargs.get("num_assistant_tokens") or self.config.speculative_tokens
+            # `num_assistant_tokens` overrides the config's for this call only. "auto[:max]" (or no override
+            # and `config.adaptive_drafting`): the chain length is chosen round by round (`generation.policy`).
+            length = kwargs.get("num_assistant_tokens") or (
+                "auto" if self.config.adaptive_drafting else self.config.speculative_tokens
             )
+            self._policy = None
+            max_depth = auto_depth(length)
+            if max_depth is not None:  # calibrated (first call only) before the tap is armed
+                self._policy = adaptive_drafting(verifier, self, max_depth, trees=False)
+                length = kwargs["num_assistant_tokens"] = self._policy.max_depth
+            self.generation_config.num_assistant_tokens = length
             self._last_stats = GenerationStats()
             tap.arm()
             try:
@@ -297,6 +306,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
                 return output
             finally:
                 tap.disarm()  # stop capturing once the generation is over
+                self._policy = None
                 self.generation_config.num_assistant_tokens = self.config.speculative_tokens
 
         verifier.generate = generate
@@ -355,7 +365,7 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             raise ValueError("transformers' assisted generation drafts for one sequence at a time (batch size 1)")
         session = cache if cache is not None else past_key_values
         if session is None:
-            session = DraftSession(self, self._binding["tap"])
+            session = DraftSession(self, self._binding["tap"], self._policy)
             self._last_stats = session.stats
         # transformers passes min(num_assistant_tokens, room left) as max_new_tokens
         k = max(int(max_new_tokens or self.config.speculative_tokens), 1)

@@ -1,1 +1,1 @@
-../../blobs/25bb952a03ce63ab9a3963b63cd715fe8f3dec1a2cde627ada7a5b7bab2dc265
+../../blobs/80541051e52b5ed72182e8abe34cad0c7492ccbf0aa38efb29036b0b86011a7b

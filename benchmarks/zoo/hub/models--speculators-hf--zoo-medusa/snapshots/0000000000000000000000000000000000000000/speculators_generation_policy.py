@@ -1,0 +1,1 @@
+../../blobs/3370941fe6ff3044d9c0cfeb7d28923083b61e2d68655cc91aa40c6caecfd63a
