@@ -52,3 +52,18 @@ def test_save_load_on_cuda(tmp_path):
     loaded = sh.AutoSpeculatorForCausalLM.from_pretrained(tmp_path, verifier=verifier, dtype=torch.bfloat16)
     assert next(loaded.parameters()).is_cuda
     assert_greedy_exact(verifier, loaded, [p.cuda() for p in make_prompts(5)], max_new_tokens=16)
+
+
+def test_auto_drafting_exact_bf16_cuda():
+    """`auto` on a GPU: where the tiny verifier's wide passes cost what a narrow one does, the own loop takes
+    the wide-tree branch; both loops stay exact."""
+    verifier = cuda_verifier()
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    prompts = [p.cuda() for p in make_prompts(8, seed=7)]
+    for prompt in prompts:
+        ref = verifier.generate(prompt, max_new_tokens=24, do_sample=False)
+        out = verifier.generate(
+            prompt, max_new_tokens=24, do_sample=False, assistant_model=draft, num_assistant_tokens="auto"
+        )
+        assert torch.equal(ref, out)
+        assert torch.equal(ref, sh.generate(verifier, draft, prompt, tree="auto", max_new_tokens=24))
