@@ -261,10 +261,15 @@ class SpeculatorConfig(PretrainedConfig):
         its type and bounds validate config.json. None for a class that declares no fields."""
         if "_fields_schema" not in cls.__dict__:
             fields: dict[str, Any] = {}
-            for name, hint in inspect.get_annotations(cls, eval_str=True).items():  # the class's own annotations
-                if name.startswith("_") or get_origin(hint) is ClassVar:
-                    continue
-                fields[name] = (hint, cls.__dict__.get(name, getattr(cls, name, None)))
+            # the annotations of the family's classes (a family may extend another), not of SpeculatorConfig
+            classes = [
+                c for c in reversed(cls.__mro__) if issubclass(c, SpeculatorConfig) and c is not SpeculatorConfig
+            ]
+            for klass in classes:
+                for name, hint in inspect.get_annotations(klass, eval_str=True).items():
+                    if name.startswith("_") or get_origin(hint) is ClassVar:
+                        continue
+                    fields[name] = (hint, getattr(cls, name, None))
             config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
             schema = create_model(f"{cls.__name__}Fields", __config__=config, **fields) if fields else None
             cls._fields_schema = schema  # type: ignore[attr-defined]

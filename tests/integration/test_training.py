@@ -190,12 +190,17 @@ def test_bad_train_config():
         TrainConfig(output_dir="x", learning_rate=0)
 
 
-@pytest.mark.parametrize("family", ["eagle", "mlp_speculator", "medusa"])
+@pytest.mark.parametrize("family", ["eagle", "mlp_speculator", "medusa", "peagle"])
 def test_other_families_train(setup, tmp_path, family):
-    """EAGLE-1/HASS (feature regression + 0.1 CE), MLP-speculator and Medusa (per-head CE) losses fall and
-    acceptance rises."""
+    """EAGLE-1/HASS (feature regression + 0.1 CE), MLP-speculator and Medusa (per-head CE) and P-EAGLE (parallel
+    depths) losses fall and acceptance rises."""
     verifier, ids, mask, held_out = setup
-    draft_class = {"eagle": sh.EagleSpeculator, "mlp_speculator": sh.MLPSpeculator, "medusa": sh.MedusaSpeculator}
+    draft_class = {
+        "eagle": sh.EagleSpeculator,
+        "mlp_speculator": sh.MLPSpeculator,
+        "medusa": sh.MedusaSpeculator,
+        "peagle": sh.PEagleSpeculator,
+    }
     draft = draft_class[family].from_verifier(verifier, speculative_tokens=3)
     before = measure_acceptance(verifier, draft, held_out, 32).tau
     config = TrainConfig(output_dir=str(tmp_path), steps=120, batch_size=8, learning_rate=3e-3, log_every=20)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..config import SpeculatorConfigError, default_speculators_config
+from ..models import FAMILIES
 from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids, vocab_map_problems
 from . import output
 from .errors import ConversionError
@@ -212,4 +213,4 @@ def finish(
         config.validate_speculator()
     except SpeculatorConfigError as err:
         raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
-    return output.build_model(Eagle3Speculator, config, tensors, origin, dtype, label)
+    return output.build_model(FAMILIES[config.family], config, tensors, origin, dtype, label)

@@ -282,6 +282,7 @@ def adaptive_drafting(
     limit = draft.max_tree_depth()
     depth = depth if limit is None else min(depth, limit)
     costs = drafting_costs(verifier, draft, batch_size, loop="own" if trees else "transformers")
+    trees = trees and not getattr(draft, "drafts_in_parallel", False)  # parallel drafters draft chains only
     return AdaptiveDrafting(costs, max_depth=depth, trees=trees)
 
 

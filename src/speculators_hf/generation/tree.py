@@ -213,6 +213,11 @@ def build_tree(
     draft's `root_logits` [B, V] for the token after it and its `root_handle` (see `tree_extend`)."""
     spec = spec.clamped(draft.max_tree_depth())
     fed = _FedNodes(draft, state, root_handle, root_positions)
+    if spec.kind != "chain" and getattr(draft, "drafts_in_parallel", False):
+        raise ValueError(
+            f"{type(draft).__name__} drafts a chain in one forward pass and defines no trees; use a chain "
+            "(tree='chain:5', 'chain:10:0.4' or 'auto')"
+        )
     if spec.kind == "chain":
         return _chain(fed, spec, sampler, root_logits)
     if spec.kind == "dynamic":
@@ -225,6 +230,9 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
     scores: list[torch.Tensor] = []
     parents = None
     confidence: list[torch.Tensor] = []  # per depth and row: the draft's probability of the whole chain so far
+    later = None  # a parallel drafter's logits of depths 2 .. depth, from one forward pass
+    if spec.depth > 1 and getattr(fed.draft, "drafts_in_parallel", False):
+        later = fed.draft.parallel_logits(fed.state, fed.root_positions, spec.depth - 1)
     for depth in range(1, spec.depth + 1):
         path = torch.stack(tokens, dim=1) if tokens else None  # the tokens between the root and this position
         token, token_scores = sampler.pick(logits, path)
@@ -238,7 +246,9 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
             confidence.append(p * confidence[-1] if confidence else p)
             if bool(confidence[-1].mean() < spec.stop_below):
                 break
-        if depth < spec.depth:
+        if depth < spec.depth and later is not None:
+            logits = later[:, depth - 1]
+        elif depth < spec.depth:
             step_logits, parents = fed.expand(token[:, None], depth, parents)
             logits = step_logits[:, 0]
     batch, n = tokens[0].shape[0], len(tokens)

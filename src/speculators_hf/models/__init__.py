@@ -7,6 +7,7 @@ from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .independent import IndependentSpeculator, IndependentSpeculatorConfig
 from .medusa import MedusaSpeculator, MedusaSpeculatorConfig
 from .mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+from .peagle import PEagleSpeculator, PEagleSpeculatorConfig
 
 __all__ = [
     "FAMILIES",
@@ -20,6 +21,8 @@ __all__ = [
     "MLPSpeculatorConfig",
     "MedusaSpeculator",
     "MedusaSpeculatorConfig",
+    "PEagleSpeculator",
+    "PEagleSpeculatorConfig",
     "SpeculatorLoadError",
     "SpeculatorModel",
     "family",

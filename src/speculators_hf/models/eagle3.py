@@ -14,7 +14,7 @@ stored; `norm_before_residual` and the other norm flags are always written.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field, StrictInt
@@ -201,7 +201,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
 
     config_class = Eagle3SpeculatorConfig
     title = "EAGLE-3"
-    card_details = (
+    card_details: ClassVar[tuple[tuple[str, str], ...]] = (
         ("verifier hidden states read (`eagle_aux_hidden_state_layer_ids`)", "eagle_aux_hidden_state_layer_ids"),
         ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),
         ("verifier hidden size (`target_hidden_size`)", "target_hidden_size"),
@@ -371,7 +371,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         text = verifier_config.get_text_config()
         if draft_vocab_size is None:
             draft_vocab_size = min(text.vocab_size, 64 * -(-text.vocab_size // 256))
-        config = Eagle3SpeculatorConfig(
+        config = cls.config_class(
             transformer_layer_config=draft_layer_config(text),
             draft_vocab_size=draft_vocab_size,
             target_hidden_size=text.hidden_size,
