@@ -12,7 +12,7 @@ A generated block is delimited by
 where KIND says how to render the results file(s) at PATH (a glob for `ab`): `bench` (`speculators-hf bench`'s
 results.json: the run's command and machine, then its table and the verifier's pass cost by width), `ab`
 (`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`),
-`walkthrough` (`benchmarks/walkthrough.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
+`walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
 block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
@@ -132,6 +132,19 @@ def _walkthrough(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _parallel(path: Path) -> str:
+    data = json.loads(path.read_text())
+    head = (
+        f"Run `{path.relative_to(ROOT)}`: `{data['command']}` on {_machine(data['machine'])}; one verifier pass over "
+        f"one token: {data['verifier_pass_ms']:.2f} ms; median of {data['rounds']} rounds per cell, the drafts taking "
+        "turns.\n\n| k | EAGLE-3 ms per round | EAGLE-3 c | P-EAGLE ms per round | P-EAGLE c |\n|---|---|---|---|---|\n"
+    )
+    return head + "".join(
+        f"| {r['k']} | {r['eagle3_ms']:.2f} | {r['eagle3_c']:.2f} | {r['peagle_ms']:.2f} | {r['peagle_c']:.2f} |\n"
+        for r in data["rows"]
+    )
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -145,6 +158,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "regen": lambda p: _regen(ROOT / p),
     "vocab": lambda p: _vocab(ROOT / p),
     "walkthrough": lambda p: _walkthrough(ROOT / p),
+    "parallel": lambda p: _parallel(ROOT / p),
 }
 
 
