@@ -9,9 +9,11 @@ hidden state not known yet. Entry d attends to the whole context and to the mask
 the tokens drafted this round), and predicts the token d + 1 places after the root; the root's own entry
 predicts the first. So a round's draft cost is one context step plus one pass over k-1 entries, whatever k.
 
-Training (the speculators library's COD recipe, without its random down-sampling): every position t of a
-sequence is an anchor; entry (t, d) for d >= 1 holds the mask token at position t + d and predicts the
-token EAGLE-3's step d would, x_{t+d+2}; the loss is `chained_cross_entropy` over the depths, as EAGLE-3's.
+Training: every position t of a sequence is an anchor; entry (t, d) for d >= 1 holds the mask token at
+position t + d and predicts the token EAGLE-3's step d would, x_{t+d+2}; the loss is `chained_cross_entropy`
+over the depths (weights 0.8^d), as EAGLE-3's. The library instead samples anchors per depth at random
+(COD: ratio 0.7, floor 0.2) and fits the verifier's logits (KL, depths weighted equally); the attention
+rule and the forward are the same (tests/golden/speculators-0.9.0-peagle).
 vLLM serves the format as EAGLE-3 with parallel drafting, `mask_token_id` becoming its pard token.
 """
 
@@ -79,7 +81,7 @@ class PEagleSpeculator(Eagle3Speculator):
     def mask_entries(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [B, K] (the mask token) and hidden inputs [B, K, H] (fc of `mask_hidden`) of K mask entries."""
         tokens = torch.full(shape, self.mask_token, dtype=torch.long, device=self.mask_hidden.device)
-        n_aux = len(self.config.aux_layer_ids)
+        n_aux = self.mask_hidden.shape[-1] // self.config.feature_size
         hidden = self.project(list(self.mask_hidden.expand(*shape, -1).chunk(n_aux, dim=-1)))
         return tokens, hidden
 
