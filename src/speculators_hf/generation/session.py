@@ -42,24 +42,28 @@ def feed_and_draft(
     num_tokens: int,
     sampler: Sampler,
     stop_below: float | None = None,
+    timed: bool = False,
 ) -> tuple[DraftTree, float]:
     """Feed one sequence's tokens at positions start, start+1, ... (`tokens` [1, A]; `features`: the verifier's
     hidden states at the positions before them, start - 1 first, one [1, A, H] tensor per layer id), then draft a
     chain of `num_tokens` after the last of them (stopped early once the draft's probability of the chain is
     below `stop_below`) and drop the drafted entries from `state` again.
     Returns the chain (its `tokens` [1, k] and the processed `scores` [1, k, V] each was picked from) and the
-    seconds it took after the feed; k may be below `num_tokens` for drafts that cannot predict that far
+    seconds it took after the feed (`timed`; else 0.0, with no device synchronisation); k may be below `num_tokens` for drafts that cannot predict that far
     (`max_tree_depth`) and where the chain stopped early."""
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
     valid = torch.ones_like(tokens, dtype=torch.bool)
     root_logits, root_handle = draft.tree_extend(state, tokens, positions, valid, features)
-    sync(tokens.device)
+    if timed:
+        sync(tokens.device)
     began = time.perf_counter()
     chain = build_tree(
         draft, state, TreeSpec.chain(num_tokens, stop_below), sampler, root_logits, root_handle, positions[:, -1]
     )
     if state.cache is not None:
         state.cache.truncate()
+    if not timed:
+        return chain, 0.0
     sync(tokens.device)
     return chain, time.perf_counter() - began
 
@@ -138,6 +142,7 @@ class DraftSession:
             num_tokens,
             sampler,
             stop_below,
+            timed=self.policy is not None,
         )
         self.last_round = (n, chain, chain_seconds, round_start)
         tokens, scores = chain.tokens, chain.scores
