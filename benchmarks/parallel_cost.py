@@ -1,14 +1,13 @@
-"""What drafting a chain of k tokens costs: EAGLE-3 (one draft step per token) against P-EAGLE (one pass over
-the k-1 mask entries), on the zoo verifier, as c(k) = the draft's seconds for one round / the verifier's
-seconds for one single-token pass.
+"""What drafting a chain of k tokens costs: EAGLE-3 (one draft step per token) against the parallel drafters,
+P-EAGLE (one pass over the k-1 mask entries) and DFlash (one pass over a block of 8, whatever k), on the zoo
+verifier, as c(k) = the draft's seconds for one round / the verifier's seconds for one single-token pass.
 
-    python benchmarks/parallel_cost.py --out benchmarks/results/parallel_cost/results.json
+    python benchmarks/parallel_cost.py --families eagle3,peagle,dflash --out benchmarks/results/parallel_cost/results.json
 
-The P-EAGLE draft is `PEagleSpeculator.from_verifier` of the zoo verifier with the zoo EAGLE-3 draft's sizes
-(2048-token draft vocabulary); its weights are untrained (no zoo P-EAGLE draft exists yet), which does not
-change what a pass costs: the shapes do. One round here is what the package's loop runs: feed the newest
-token (`tree_extend`), draft a chain of k (`build_tree`), drop the drafted entries, on a 128-token context.
-Each figure is the median of 60 rounds, the two drafts taking turns.
+The drafts are the zoo's (`speculators_hf.zoo.load_zoo_draft`). One round here is what the package's loop runs:
+feed the newest token (`tree_extend`), draft a chain of k (`build_tree`), drop the drafted entries, on a
+128-token context. Each figure is the median of 60 rounds, the drafts taking turns; k beyond what a draft can
+propose (DFlash: block_size - 1) is left empty.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import speculators_hf as sh
 from speculators_hf.bench import machine_description
 from speculators_hf.generation.policy import verification_seconds
 from speculators_hf.generation.sampling import Sampler
@@ -61,29 +59,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--max-k", type=int, default=10)
+    parser.add_argument("--families", default="eagle3,peagle,dflash", help="zoo drafts to compare")
     args = parser.parse_args()
-    eagle3 = load_zoo_draft("eagle3")
-    verifier = eagle3.verifier
-    peagle = sh.PEagleSpeculator.from_verifier(verifier, draft_vocab_size=eagle3.config.draft_vocab_size).eval()
-    peagle.bind_verifier(verifier)
+    families = args.families.split(",")
+    first = load_zoo_draft(families[0])
+    verifier = first.verifier
+    drafts = {name: first if i == 0 else load_zoo_draft(name, verifier=verifier) for i, name in enumerate(families)}
     one_pass = verification_seconds(verifier, [1], context=128, samples=60)[1]
     rows = []
     for k in range(1, args.max_k + 1):
-        times: dict[str, list[float]] = {"eagle3": [], "peagle": []}
+        able = {n: d for n, d in drafts.items() if (d.max_tree_depth() or k) >= k}
+        times: dict[str, list[float]] = {name: [] for name in able}
         for _ in range(args.rounds):
-            for name, draft in (("eagle3", eagle3), ("peagle", peagle)):
+            for name, draft in able.items():
                 times[name].append(round_seconds(draft, verifier, k))
-        row = {"k": k}
-        for name, values in times.items():
-            row[f"{name}_ms"] = 1e3 * statistics.median(values)
-            row[f"{name}_c"] = statistics.median(values) / one_pass
+        row: dict[str, float | None] = {"k": k}
+        for name in families:
+            median = statistics.median(times[name]) if name in times else None
+            row[f"{name}_ms"] = None if median is None else 1e3 * median
+            row[f"{name}_c"] = None if median is None else median / one_pass
         rows.append(row)
         print(row, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/parallel_cost.py --out " + str(args.out),
+                "command": f"python benchmarks/parallel_cost.py --families {args.families} --out {args.out}",
+                "families": families,
                 "machine": machine_description(),
                 "verifier_pass_ms": 1e3 * one_pass,
                 "rounds": args.rounds,

@@ -134,14 +134,18 @@ def _walkthrough(path: Path) -> str:
 
 def _parallel(path: Path) -> str:
     data = json.loads(path.read_text())
+    families = data.get("families", ["eagle3", "peagle"])
+    titles = {"eagle3": "EAGLE-3", "peagle": "P-EAGLE", "dflash": "DFlash"}
+    columns = [(f"{f}_{unit}", f"{titles.get(f, f)} {label}") for f in families for unit, label in (("ms", "ms per round"), ("c", "c"))]
     head = (
         f"Run `{path.relative_to(ROOT)}`: `{data['command']}` on {_machine(data['machine'])}; one verifier pass over "
         f"one token: {data['verifier_pass_ms']:.2f} ms; median of {data['rounds']} rounds per cell, the drafts taking "
-        "turns.\n\n| k | EAGLE-3 ms per round | EAGLE-3 c | P-EAGLE ms per round | P-EAGLE c |\n|---|---|---|---|---|\n"
+        "turns (empty: more tokens than the draft proposes).\n\n"
+        "| k | " + " | ".join(label for _, label in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     )
+    cell = lambda value: "" if value is None else f"{value:.2f}"  # noqa: E731
     return head + "".join(
-        f"| {r['k']} | {r['eagle3_ms']:.2f} | {r['eagle3_c']:.2f} | {r['peagle_ms']:.2f} | {r['peagle_c']:.2f} |\n"
-        for r in data["rows"]
+        f"| {r['k']} | " + " | ".join(cell(r.get(key)) for key, _ in columns) + " |\n" for r in data["rows"]
     )
 
 

@@ -14,6 +14,8 @@ from .hub import ModelCardInputError, VerifierReferenceError, create_model_card,
 from .loading import AutoSpeculatorForCausalLM, load_draft, register_family
 from .models import (
     FAMILIES,
+    DFlashSpeculator,
+    DFlashSpeculatorConfig,
     Eagle3Speculator,
     Eagle3SpeculatorConfig,
     EagleSpeculator,
@@ -42,6 +44,8 @@ for _model_class in list(FAMILIES.values()):
 
 __all__ = [
     "AutoSpeculatorForCausalLM",
+    "DFlashSpeculator",
+    "DFlashSpeculatorConfig",
     "Eagle3Speculator",
     "Eagle3SpeculatorConfig",
     "EagleSpeculator",

@@ -66,6 +66,7 @@ LayersPerHead = Annotated[StrictInt, Field(gt=0, le=MAX_LAYERS_PER_HEAD)]
 Layers = Annotated[StrictInt, Field(gt=0, le=MAX_LAYERS)]
 Width = Annotated[StrictInt, Field(gt=0, le=MAX_WIDTH)]
 VocabSize = Annotated[StrictInt, Field(gt=0, le=MAX_VOCAB_SIZE)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_VOCAB_SIZE)]
 
 # Fields of a nested transformers config (`transformer_layer_config`, `draft_model_config`) that size the
 # model built from it, by their standard names (a config class's `attribute_map` gives its own names).
@@ -307,7 +308,7 @@ class SpeculatorConfig(PretrainedConfig):
         if not problems and limit is not None and self.speculative_tokens > limit:
             problems.append(
                 f"  speculators_config.proposal_methods.speculative_tokens: {self.speculative_tokens} exceeds {limit}, "
-                f"the number of heads (a {self.family} draft proposes at most one token per head; vLLM refuses more)"
+                f"the most a {self.family} draft proposes in a round ({self.speculative_tokens_limit}; vLLM refuses more)"
             )
         if problems:
             raise SpeculatorConfigError(
@@ -315,6 +316,9 @@ class SpeculatorConfig(PretrainedConfig):
                 + "\n".join(problems)
                 + "\nFix these fields in config.json (or the arguments) and load again."
             )
+
+    # what bounds `max_speculative_tokens`, for the error message
+    speculative_tokens_limit: ClassVar[str] = "one token per head"
 
     @property
     def max_speculative_tokens(self) -> int | None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ks_critical_value, ks_uniform_statistic, make_prompts, make_verifier, sampling_pit_values
-from test_batch import DRAFTS, assert_rows_exact, left_padded, perturbed_copy
+from test_batch import ALL_DRAFTS, assert_rows_exact, left_padded, perturbed_copy
 
 import speculators_hf as sh
 from speculators_hf.generation import policy
 from speculators_hf.generation.policy import DraftingCosts
 
 
-@pytest.mark.parametrize("draft_name", list(DRAFTS))
+@pytest.mark.parametrize("draft_name", list(ALL_DRAFTS))
 def test_auto_is_exact_in_the_own_loop_in_batches(draft_name):
     verifier = make_verifier()
-    draft = DRAFTS[draft_name](verifier)
+    draft = ALL_DRAFTS[draft_name](verifier)
     prompts = make_prompts(5, seed=11)
     ids, mask = left_padded(prompts)
     out = sh.generate(verifier, draft, ids, mask, tree="auto", max_new_tokens=16, return_dict_in_generate=True)
@@ -27,10 +27,10 @@ def test_auto_is_exact_in_the_own_loop_in_batches(draft_name):
     assert out.stats.drafted_tokens > 0
 
 
-@pytest.mark.parametrize("draft_name", list(DRAFTS))
+@pytest.mark.parametrize("draft_name", list(ALL_DRAFTS))
 def test_auto_is_exact_inside_transformers_generate(draft_name):
     verifier = make_verifier()
-    draft = DRAFTS[draft_name](verifier)
+    draft = ALL_DRAFTS[draft_name](verifier)
     for prompt in make_prompts(6, seed=7):
         ref = verifier.generate(prompt, max_new_tokens=20, do_sample=False)
         out = verifier.generate(

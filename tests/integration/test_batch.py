@@ -33,6 +33,12 @@ DRAFTS = {
     "medusa": lambda v: sh.MedusaSpeculator.from_verifier(v, medusa_num_heads=4),
     "independent-perturbed": perturbed_copy,
 }
+# drafts that propose a whole chain in one forward pass (chains only: they define no trees)
+PARALLEL_DRAFTS = {
+    "peagle": lambda v: sh.PEagleSpeculator.from_verifier(v, draft_vocab_size=64),
+    "dflash": lambda v: sh.DFlashSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6),
+}
+ALL_DRAFTS = {**DRAFTS, **PARALLEL_DRAFTS}
 
 
 def left_padded(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +65,10 @@ def assert_rows_exact(verifier, prompts, sequences, max_new_tokens, **kwargs):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("draft_name", list(DRAFTS))
+@pytest.mark.parametrize("draft_name", list(ALL_DRAFTS))
 def test_batch_chain_greedy_exact(family, draft_name):
     verifier = make_verifier(family)
-    draft = DRAFTS[draft_name](verifier)
+    draft = ALL_DRAFTS[draft_name](verifier)
     prompts = make_prompts(6, seed=7)
     ids, mask = left_padded(prompts)
     out = sh.generate(verifier, draft, ids, mask, max_new_tokens=16, return_dict_in_generate=True)

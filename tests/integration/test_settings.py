@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_prompts, make_verifier
-from test_batch import DRAFTS, assert_rows_exact, left_padded
+from test_batch import DRAFTS, PARALLEL_DRAFTS, assert_rows_exact, left_padded
 from transformers import GenerationConfig
 
 import speculators_hf as sh
@@ -80,6 +80,24 @@ def test_greedy_exact_with_each_setting_on_every_path(setting, draft_name):
     for tree in ("chain:4", "dynamic:4:3:8"):
         out = sh.generate(verifier, draft, ids, mask, tree=tree, max_new_tokens=MAX_NEW, **kwargs)
         assert_rows_exact(verifier, prompts, out, MAX_NEW, **kwargs)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("draft_name", list(PARALLEL_DRAFTS))
+def test_greedy_exact_with_each_setting_for_parallel_drafters(setting, draft_name):
+    """The drafts that propose a chain in one pass (P-EAGLE, DFlash): their chains, in both loops and batches."""
+    verifier, prompts = _early_eos_verifier()
+    draft = PARALLEL_DRAFTS[draft_name](verifier)
+    kwargs = SETTINGS[setting]
+    for prompt in prompts:
+        ref = verifier.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, **kwargs)
+        assisted = verifier.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, **kwargs)
+        assert torch.equal(ref, assisted), f"assisted path: {assisted.tolist()} != {ref.tolist()}"
+        own = sh.generate(verifier, draft, prompt, tree="chain:5", max_new_tokens=MAX_NEW, **kwargs)
+        assert torch.equal(ref, own), f"own loop: {own.tolist()} != {ref.tolist()}"
+    ids, mask = left_padded(prompts)
+    out = sh.generate(verifier, draft, ids, mask, tree="chain:5", max_new_tokens=MAX_NEW, **kwargs)
+    assert_rows_exact(verifier, prompts, out, MAX_NEW, **kwargs)
 
 
 def test_min_new_tokens_past_an_early_eos():

@@ -145,3 +145,25 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     assert ddp.keys() == single.keys()
     for key in ddp:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_train_a_dflash_draft_with_its_own_arguments(tmp_path, capsys):
+    """`train --family dflash --draft-arg block_size=4 --draft-arg num_layers=2`: a new family's construction
+    arguments reach `from_verifier`, the draft trains and stays exact; a wrong argument is refused in one line."""
+    from speculators_hf.training.data import save_blocks
+
+    verifier = make_verifier(eos_token_id=None)
+    verifier.save_pretrained(tmp_path / "verifier")
+    ids = torch.randint(3, 90, (12, 24), generator=torch.Generator().manual_seed(0))
+    save_blocks(tmp_path / "data", ids, torch.ones_like(ids, dtype=torch.uint8), {"verifier": "verifier"})
+    argv = ["train", "--verifier", str(tmp_path / "verifier"), "--data", str(tmp_path / "data"), "--steps", "3"]
+    argv += ["--family", "dflash", "--batch-size", "2", "--eval-blocks", "2", "--eval-prompt-len", "8"]
+    assert (
+        main([*argv, "--output", str(tmp_path / "out"), "--draft-arg", "block_size=4", "--draft-arg", "num_layers=2"])
+        == 0
+    )
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").bind_verifier(verifier)
+    assert draft.config.block_size == 4 and len(draft.layers) == 2 and draft.config.speculative_tokens == 3
+    assert_greedy_exact(verifier, draft, make_prompts(3), max_new_tokens=10)
+    with pytest.raises(SystemExit, match=r"--draft-arg .*not accepted by a new dflash draft"):
+        main([*argv, "--output", str(tmp_path / "bad"), "--draft-arg", "block_size=1"])

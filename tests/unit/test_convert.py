@@ -698,7 +698,17 @@ def test_shape_dtype_vocab_and_verifier_mismatches(tmp_path, verifier_dir):
 
 
 def test_specs_and_known_checkpoints_are_consistent():
-    formats = {"eagle3", "specforge", "speculators", "eagle", "medusa", "medusa2", "mlp_speculator", "modelopt"}
+    formats = {
+        "eagle3",
+        "specforge",
+        "speculators",
+        "eagle",
+        "medusa",
+        "medusa2",
+        "mlp_speculator",
+        "modelopt",
+        "dflash_zlab",
+    }
     known = known_checkpoints()
     assert {entry["format"] for entry in known} == formats
     for entry in known:

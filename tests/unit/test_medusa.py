@@ -261,7 +261,10 @@ def test_invalid_fields_are_pydantic_errors(fields, message):
 
 
 def test_draft_length_beyond_the_heads_is_an_error():
-    with pytest.raises(SpeculatorConfigError, match="speculative_tokens: 5 exceeds 3, the number of heads"):
+    with pytest.raises(
+        SpeculatorConfigError,
+        match=r"speculative_tokens: 5 exceeds 3, the most a medusa draft proposes in a round \(one token per head",
+    ):
         MedusaSpeculator.config_for(make_verifier(), medusa_num_heads=3, speculative_tokens=5)
 
 

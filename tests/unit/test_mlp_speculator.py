@@ -374,7 +374,10 @@ def test_invalid_config_file_and_draft_length(saved_draft):
     (saved_draft / "config.json").write_text(json.dumps({**raw, "n_predict": 0}))
     with pytest.raises(SpeculatorConfigError, match="n_predict"):
         SpeculatorConfig.from_pretrained(saved_draft)
-    with pytest.raises(SpeculatorConfigError, match="speculative_tokens: 5 exceeds 3, the number of heads"):
+    with pytest.raises(
+        SpeculatorConfigError,
+        match=r"speculative_tokens: 5 exceeds 3, the most a mlp_speculator draft proposes in a round \(one token per head",
+    ):
         MLPSpeculator.config_for(make_verifier(), n_predict=3, speculative_tokens=5)
 
 

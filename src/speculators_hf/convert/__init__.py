@@ -7,11 +7,12 @@ convert("yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", "llama-eagle3", verifier="meta-ll
 convert("llama-eagle3", "llama-eagle3-vllm", to="speculators")
 convert("FasterDecoding/medusa-vicuna-7b-v1.3", "medusa", verifier="lmsys/vicuna-7b-v1.3")
 convert("medusa", "medusa-vllm", to="vllm")   # vLLM's native Medusa layout
+convert("z-lab/Qwen3-8B-DFlash-b16", "qwen3-dflash", verifier="Qwen/Qwen3-8B")   # then --to vllm as EAGLE-3
 ```
 
 Each foreign format is one declarative spec (`specs/<format>.yaml`: how to recognise it, tensor
 renames and shapes, config field map, the defaults its original code assumes) plus one small module
-that applies it (`eagle3.py`, `specforge.py`, `speculators.py`, `eagle.py`, `medusa.py`,
+that applies it (`eagle3.py`, `specforge.py`, `speculators.py`, `dflash.py`, `eagle.py`, `medusa.py`,
 `mlp_speculator.py`, `ours.py`). A new format plugs in as a spec with
 `status: supported` and `module: <name>`, and a module defining `import_checkpoint(source, spec, ctx)`
 (and `export_checkpoint(folder, model, spec, ctx)` when it can be written too). Formats recognised
@@ -118,9 +119,10 @@ def convert(
       and fingerprint and is checked against the draft; its input embedding is copied when the source
       has none (research EAGLE-3). Its weights are never loaded otherwise.
     - `to`: "ours" (this package's format: loads with AutoModelForCausalLM, remote code included),
-      "speculators" (EAGLE-3: what the `speculators` library and vLLM read; additionally checked for that)
-      or "vllm" (what vLLM reads for the draft's family: the speculators format for EAGLE-3, vLLM's native
-      layouts for EAGLE-1, Medusa and the MLP speculator; each export is imported again and compared).
+      "speculators" (EAGLE-3, P-EAGLE, DFlash: what the `speculators` library and vLLM read; additionally
+      checked for that) or "vllm" (what vLLM reads for the draft's family: the speculators format for
+      EAGLE-3, P-EAGLE and DFlash, vLLM's native layouts for EAGLE-1, Medusa and the MLP speculator; each
+      native export is imported again and compared).
     - `overrides`: our flat config fields to set (e.g. {"norm_before_residual": True}), and
       `speculative_tokens`.
     - `revision`: the Hub revision of `src`; `cache_dir`, `token`: for Hub ids of `src` and the verifier

@@ -57,15 +57,16 @@ def add_parsers(sub: Any) -> None:
     planned = sorted(name for name, spec in all_specs().items() if spec.status == "planned")
     parser = sub.add_parser(
         "convert",
-        help="convert a published draft checkpoint (EAGLE-1/2/HASS, EAGLE-3, SpecForge, speculators, Medusa, "
-        "MLP speculator) to this format, or export to speculators/vLLM",
+        help="convert a published draft checkpoint (EAGLE-1/2/HASS, EAGLE-3, SpecForge, speculators, z-lab DFlash, "
+        "Medusa, MLP speculator) to this format, or export to speculators/vLLM",
         description="Convert the draft checkpoint SRC (a folder or a Hub id; HF_HUB_OFFLINE=1 reads the local cache) "
         "into DST. --from auto detects the format from config fields and tensor names and prints what it found. "
         "Only safetensors are written; pickles are read with torch.load(weights_only=True); DST appears only "
         "when the conversion succeeded. Formats: "
         + ", ".join(f"{name} ({all_specs()[name].title})" for name in formats)
         + (f"; recognised but not converted: {', '.join(planned)}" if planned else "")
-        + ". --to vllm writes what vLLM reads for the draft's family: the speculators format for EAGLE-3, vLLM's "
+        + ". --to vllm writes what vLLM reads for the draft's family: the speculators format for EAGLE-3, P-EAGLE "
+        "and DFlash, vLLM's "
         "native layouts for EAGLE-1 (method eagle; vLLM drops a fc bias, the export warns), Medusa (method medusa) "
         "and the MLP speculator (method mlp_speculator).",
     )
@@ -76,8 +77,8 @@ def add_parsers(sub: Any) -> None:
         "--to",
         default="ours",
         choices=["ours", *all_export_targets()],
-        help="ours (default: speculators-hf format), speculators (EAGLE-3 only) or vllm (EAGLE-3, EAGLE-1, Medusa, "
-        "MLP speculator)",
+        help="ours (default: speculators-hf format), speculators (EAGLE-3, P-EAGLE, DFlash) or vllm (those, EAGLE-1, "
+        "Medusa, MLP speculator)",
     )
     parser.add_argument(
         "--verifier",

@@ -1,48 +1,67 @@
-"""Research EAGLE-3 (SafeAILab/EAGLE) -> ours, and the EAGLE-3 assembly every EAGLE-3 importer shares.
+"""Research EAGLE-3 (SafeAILab/EAGLE) -> ours, and the assembly every importer of a draft that reads verifier
+hidden states by layer id shares (EAGLE-3, P-EAGLE, DFlash: `convert/dflash.py`).
 
 The facts (tensor names and shapes, config defaults of the original code, which verifier layers are
 read) live in `specs/eagle3.yaml`; this module only applies them:
 
-1. `config_from_spec`: the source config.json, with the spec's defaults, becomes our
-   `Eagle3SpeculatorConfig` (transformer_layer_config + flat fields + aux layer ids).
-2. `finish`: overrides (`--set`), the verifier (fingerprint filled from `--verifier`, vocab / hidden
-   size / layer count checked), the aux layer ids (default 2, L//2, L-3 of the verifier, made
-   distinct), tensor shapes and dtypes (errors name the tensor and both shapes), the draft vocabulary
-   mapping (`d2t` kept exactly when the draft vocabulary is smaller), the embedding (the verifier's
-   when the source has none), and finally a model whose state dict is exactly the source's tensors.
+1. `config_from_spec`: the source config.json, with the spec's defaults, becomes the config of the
+   spec's family (transformer_layer_config + flat fields + aux layer ids).
+2. `finish`: the tensors renamed (repeated `layers.{i}` expanded over the draft's layers), overrides
+   (`--set`), the verifier (fingerprint filled from `--verifier`, vocab / hidden size / layer count
+   checked), the aux layer ids (default 2, L//2, L-3 of the verifier, made distinct), tensor shapes and
+   dtypes (errors name the tensor and both shapes), the draft vocabulary mapping (`d2t` kept exactly
+   when the draft vocabulary is smaller; a full-size one's lm_head dropped where the spec says the
+   draft uses the verifier's), the embedding (the verifier's when the source has none and the format
+   stores one), and finally a model whose state dict is exactly the source's tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 
 from ..config import SpeculatorConfigError, default_speculators_config
 from ..models import FAMILIES
-from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig, default_aux_layer_ids, vocab_map_problems
+from ..models.draft_vocab import vocab_map_problems
+from ..models.eagle3 import Eagle3Speculator, default_aux_layer_ids
 from . import output
 from .errors import ConversionError
 from .expressions import evaluate, map_fields, source_environment
 from .formats import FormatSpec
 from .output import apply_overrides, bind_reference
 from .sources import Source
-from .tensors import check_tensors, rename_tensors
+from .tensors import check_tensors, expand_layout, rename_tensors
 
 EMBED = "embed_tokens.weight"
+HEAD = "lm_head.weight"
+AUX_FIELDS = ("eagle_aux_hidden_state_layer_ids", "aux_hidden_state_layer_ids")
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:
     """A llama-style EAGLE-3 checkpoint (research or SpecForge) -> our model, following `spec`."""
     source.preferred_files = spec.weight_files
     config, aux = config_from_spec(source, spec)
-    tensors, origin = rename_tensors(source.tensors(), spec.tensors, source.label, ctx.log)
-    return finish(config, tensors, origin, spec, ctx, source.label, aux_from_source=aux)
+    return finish(config, source.tensors(), spec, ctx, source.label, aux_from_source=aux)
 
 
-def config_from_spec(source: Source, spec: FormatSpec) -> tuple[Eagle3SpeculatorConfig, list[int] | None]:
-    env = source_environment(spec.config, source.config, source.label)
-    layer = map_fields(spec.config.layer, env, f"{source.label}: transformer_layer_config")
+def aux_field(config: Any) -> str:
+    """Our config field naming the verifier hidden states the draft reads (`eagle_aux_hidden_state_layer_ids`
+    for EAGLE-3 and P-EAGLE, `aux_hidden_state_layer_ids` for DFlash)."""
+    fields = config.fields_schema().model_fields
+    return next(name for name in AUX_FIELDS if name in fields)
+
+
+def config_from_spec(source: Source, spec: FormatSpec, overrides: Collection[str] = ()) -> tuple[Any, list[int] | None]:
+    """The config of the spec's family. A `required` source key counts as given when `overrides` (`--set`)
+    names the field the spec reads from it."""
+    fields_from = {key: value[1:] for key, value in spec.config.fields.items() if str(value).startswith("=")}
+    provided = {*overrides, *(fields_from[key] for key in overrides if key in fields_from)}
+    env = source_environment(spec.config, source.config, source.label, provided)
+    base = spec.config.layer_from_source_except
+    layer = {k: v for k, v in env.items() if k not in base} if base is not None else {}
+    layer.update(map_fields(spec.config.layer, env, f"{source.label}: transformer_layer_config"))
     fields = map_fields(spec.config.fields, env, f"{source.label}: config")
     aux: list[int] | None = None
     if spec.aux_layers is not None and spec.aux_layers.source is not None:
@@ -52,11 +71,12 @@ def config_from_spec(source: Source, spec: FormatSpec) -> tuple[Eagle3Speculator
             if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
                 raise ConversionError(f"{source.label}: {expression} must be a list of layer ids, got {ids!r}")
             aux = [i + spec.aux_layers.offset for i in ids]
+    config_class = FAMILIES[spec.family].config_class
     try:
-        config = Eagle3SpeculatorConfig(
+        config = config_class(
             transformer_layer_config=layer,
-            speculators_config=default_speculators_config("eagle3"),
-            eagle_aux_hidden_state_layer_ids=aux,
+            speculators_config=default_speculators_config(spec.family),
+            **{aux_field(config_class): aux},
             **fields,
         )
     except (SpeculatorConfigError, TypeError, ValueError) as err:
@@ -65,11 +85,12 @@ def config_from_spec(source: Source, spec: FormatSpec) -> tuple[Eagle3Speculator
 
 
 # --------------------------------------------------------------------------------------------------
-# the shared EAGLE-3 assembly
+# the shared assembly
 # --------------------------------------------------------------------------------------------------
-def resolve_aux_layers(config: Eagle3SpeculatorConfig, spec: FormatSpec, label: str, log: Any) -> None:
+def resolve_aux_layers(config: Any, spec: FormatSpec, label: str, log: Any) -> None:
+    field = aux_field(config)
     layers = config.verifier.get("num_hidden_layers")
-    ids = config.eagle_aux_hidden_state_layer_ids
+    ids = getattr(config, field)
     if ids is None:
         if layers is None:
             raise ConversionError(
@@ -81,14 +102,15 @@ def resolve_aux_layers(config: Eagle3SpeculatorConfig, spec: FormatSpec, label: 
         log(f"aux layers: verifier hidden_states {ids} (default 2, L//2, L-3 of L={layers}, made distinct)")
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise ConversionError(f"{label}: aux layer ids {ids} must be distinct and non-negative")
-    if layers is not None and max(ids) >= layers:
+    final = spec.aux_layers is not None and spec.aux_layers.final_state  # id L: the post-norm last state
+    if layers is not None and max(ids) > layers - 1 + final:
         raise ConversionError(
             f"{label}: aux layer ids {ids} need hidden states the verifier's {layers} layers do not have"
         )
-    config.eagle_aux_hidden_state_layer_ids = sorted(ids)
+    setattr(config, field, sorted(ids))
 
 
-def shape_environment(config: Eagle3SpeculatorConfig) -> dict[str, Any]:
+def shape_environment(config: Any) -> dict[str, Any]:
     env = dict(config.transformer_layer_config.to_dict())
     if env.get("head_dim") is None:
         env["head_dim"] = env["hidden_size"] // env["num_attention_heads"]
@@ -97,22 +119,24 @@ def shape_environment(config: Eagle3SpeculatorConfig) -> dict[str, Any]:
     env.update(
         draft_vocab_size=config.draft_vocab_size,
         target_hidden_size=config.feature_size,
-        n_aux=len(config.eagle_aux_hidden_state_layer_ids or [0, 1, 2]),
+        n_aux=len(getattr(config, aux_field(config)) or [0, 1, 2]),
     )
     return env
 
 
 def map_vocab(
-    config: Eagle3SpeculatorConfig,
+    config: Any,
     tensors: dict[str, torch.Tensor],
     origin: dict[str, str],
     label: str,
     log: Any,
     policy: str = "drop_if_identity",
+    full_vocab_head: str = "own",
 ) -> None:
     """Keep `d2t`/`t2d` exactly when the draft vocabulary is smaller than the verifier's; with a
     full-size draft vocabulary, identity mappings are dropped (`policy` from the spec's
-    `vocab.full_vocab_mapping`; anything else refuses them)."""
+    `vocab.full_vocab_mapping`; anything else refuses them), and so is lm_head when the draft then uses
+    its verifier's (`full_vocab_head: verifier`)."""
     vd, v = config.draft_vocab_size, config.transformer_layer_config.vocab_size
     d2t, t2d = tensors.get("d2t"), tensors.get("t2d")
     if vd == v and (d2t is not None or t2d is not None) and policy != "drop_if_identity":
@@ -131,6 +155,9 @@ def map_vocab(
             if name in tensors:
                 del tensors[name]
                 log(f"dropping {origin[name]} (identity mapping: the draft vocabulary is the verifier's)")
+        if full_vocab_head == "verifier" and HEAD in tensors:
+            del tensors[HEAD]
+            log(f"dropping {origin[HEAD]} (a full-size draft vocabulary uses the verifier's lm_head)")
         return
     if d2t is None:
         raise ConversionError(
@@ -150,14 +177,14 @@ def map_vocab(
 
 
 def add_embedding(
-    config: Eagle3SpeculatorConfig,
+    config: Any,
     tensors: dict[str, torch.Tensor],
     spec: FormatSpec,
     ctx: Any,
     dtype: torch.dtype,
     label: str,
 ) -> None:
-    if EMBED in tensors:
+    if EMBED in tensors or EMBED not in spec.tensors.layout:  # DFlash always uses the verifier's
         return
     if spec.embedding.when_missing != "verifier":
         raise ConversionError(f"{label}: no {EMBED} in the checkpoint")
@@ -181,15 +208,16 @@ def add_embedding(
 
 
 def finish(
-    config: Eagle3SpeculatorConfig,
-    tensors: dict[str, torch.Tensor],
-    origin: dict[str, str],
+    config: Any,
+    source_tensors: Mapping[str, torch.Tensor],
     spec: FormatSpec,
     ctx: Any,
     label: str,
     aux_from_source: list[int] | None = None,
-) -> Eagle3Speculator:
+) -> Any:
     """Everything after the config mapping; see the module docstring."""
+    layout = expand_layout(spec.tensors, config.transformer_layer_config.to_dict(), label)
+    tensors, origin = rename_tensors(source_tensors, layout, label, ctx.log)
     if EMBED not in tensors and spec.embedding.when_missing == "verifier" and ctx.verifier is None:
         raise ConversionError(
             f"{label}: the checkpoint has no {EMBED} ({spec.embedding.why}); pass --verifier ID_OR_PATH so that the "
@@ -199,18 +227,28 @@ def finish(
     settable = set(schema.model_fields if schema else ()) - {"transformer_layer_config"}
     apply_overrides(config, ctx.overrides, label, settable)
     layer = config.transformer_layer_config
-    bind_reference(config, ctx, label, layer.vocab_size, config.feature_size, "EAGLE-3 draft")
+    model_class = FAMILIES[config.family]
+    bind_reference(config, ctx, label, layer.vocab_size, config.feature_size, f"{model_class.title} draft")
     resolve_aux_layers(config, spec, label, ctx.log)
     if aux_from_source is not None and spec.aux_layers is not None and spec.aux_layers.offset:
         ctx.log(
             f"aux layers: source ids {[i - spec.aux_layers.offset for i in aux_from_source]} -> verifier hidden_states "
-            f"{config.eagle_aux_hidden_state_layer_ids} ({spec.aux_layers.why})"
+            f"{getattr(config, aux_field(config))} ({spec.aux_layers.why})"
         )
-    dtype = check_tensors(tensors, origin, spec.tensors, shape_environment(config), label)
-    map_vocab(config, tensors, origin, label, ctx.log, spec.vocab.get("full_vocab_mapping", "error"))
+    dtype = check_tensors(tensors, origin, layout, shape_environment(config), label)
+    vocab = spec.vocab
+    map_vocab(
+        config,
+        tensors,
+        origin,
+        label,
+        ctx.log,
+        vocab.get("full_vocab_mapping", "error"),
+        vocab.get("full_vocab_head", "own"),
+    )
     add_embedding(config, tensors, spec, ctx, dtype, label)
     try:
         config.validate_speculator()
     except SpeculatorConfigError as err:
         raise ConversionError(f"{label}: the converted config is invalid: {err}") from err
-    return output.build_model(FAMILIES[config.family], config, tensors, origin, dtype, label)
+    return output.build_model(model_class, config, tensors, origin, dtype, label)

@@ -79,6 +79,9 @@ class ConfigSpec(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     accept: dict[str, AcceptRule] = Field(default_factory=dict)
     layer: dict[str, Any] = Field(default_factory=dict)  # -> transformer_layer_config
+    # when set, transformer_layer_config starts as the whole source config (itself a transformers config of the
+    # draft layers, e.g. z-lab DFlash's flat Qwen3 config) minus these keys; `layer` entries then override
+    layer_from_source_except: list[str] | None = None
     fields: dict[str, Any] = Field(default_factory=dict)  # -> our flat family fields
     required: dict[str, str] = Field(default_factory=dict)  # key -> why it must be present in the source
 
@@ -93,6 +96,7 @@ class AuxLayerSpec(BaseModel):
     source: str | None = None
     offset: int = 0
     default: Literal["verifier"] = "verifier"
+    final_state: bool = False  # id L (the verifier's post-norm last hidden state, HF hidden_states[L]) allowed
     why: str = ""
 
 

@@ -1,12 +1,15 @@
-"""The `speculators` 0.9 format: import (validate + rewrite as ours) and export (`--to speculators`).
+"""The `speculators` 0.9 format: import (validate + rewrite as ours) and export (`--to speculators`), for the
+EAGLE-3, P-EAGLE and DFlash families (`specs/speculators.yaml`, `speculators_peagle.yaml`,
+`speculators_dflash.yaml`).
 
 Import: our config loader already reads `speculators` 0.9 config.json files (no top-level model_type),
-so importing checks what `specs/speculators.yaml` requires (fields whose defaults differ between
-readers must be present), reads the tensors (the `midlayer.*` alias accepted, training-only
-`verifier_*` tensors dropped), and goes through the shared EAGLE-3 assembly.
+so importing checks what the family's spec requires (fields whose defaults differ between readers, or
+without which the draft cannot draft, must be present), reads the tensors (the `midlayer.*` alias
+accepted; training-only `verifier_*` tensors, and for DFlash the verifier's embedding and full-size
+lm_head, dropped), and goes through the shared assembly (`eagle3.finish`).
 
 Export: our own save already is a `speculators`/vLLM checkpoint (model_type "speculators", the exact
-EAGLE-3 tensor layout, d2t exactly when the draft vocabulary is smaller, every norm flag written). The
+tensor layout of the family, d2t exactly when the draft vocabulary is smaller, every field written). The
 export re-checks all of that on the written folder, requires a verifier reference vLLM can resolve (a
 Hub id or an existing path; a local path is written with a warning, since vLLM uses it verbatim on the
 serving machine: `verifier_id=` / `--verifier-id` writes the Hub id instead), and adds the legacy `rope_theta`/`rope_scaling` keys to
@@ -22,28 +25,30 @@ from typing import Any
 
 from ..config import SpeculatorConfig, SpeculatorConfigError
 from ..loading import looks_like_local_path
-from ..models.eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from . import eagle3
 from .errors import ConversionError
 from .expressions import MISSING, get_path, source_environment
-from .formats import FormatSpec
+from .formats import FormatSpec, all_specs
 from .sources import Source, safetensors_names
-from .tensors import rename_tensors
 
 
-def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Eagle3Speculator:
+def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
     source.preferred_files = spec.weight_files
+    family = source.config.get("speculators_model_type")
+    if family != spec.family:
+        formats = {s.family: s.name for s in all_specs().values() if s.module == spec.module}
+        other = formats.get(family) if isinstance(family, str) else None
+        fix = f"pass --from {other} (or --from auto)" if other else f"families converted: {sorted(formats)}"
+        raise ConversionError(
+            f"{source.label}: speculators_model_type {family!r} is not what --from {spec.name} reads "
+            f"({spec.family}); {fix}"
+        )
     source_environment(spec.config, source.config, source.label, provided=ctx.overrides)  # `required` fields
     try:
         config = SpeculatorConfig.from_dict(source.config)
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: invalid speculators config: {err}") from err
-    if not isinstance(config, Eagle3SpeculatorConfig):
-        raise ConversionError(
-            f"{source.label}: speculators_model_type {config.speculators_model_type!r} has no converter yet (eagle3 only)"
-        )
-    tensors, origin = rename_tensors(source.tensors(), spec.tensors, source.label, ctx.log)
-    return eagle3.finish(config, tensors, origin, spec, ctx, source.label)
+    return eagle3.finish(config, source.tensors(), spec, ctx, source.label)
 
 
 def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> None:
@@ -102,7 +107,7 @@ def check_layout(folder: Path, model: Any, target: str) -> None:
     expected = set(model.state_dict())
     if names != expected:
         raise ConversionError(
-            f"export to {target}: tensors differ from the EAGLE-3 layout: extra {sorted(names - expected)}, "
+            f"export to {target}: tensors differ from the {model.title} layout: extra {sorted(names - expected)}, "
             f"missing {sorted(expected - names)}"
         )
     smaller = model.config.draft_vocab_size < model.config.transformer_layer_config.vocab_size

@@ -83,7 +83,7 @@ def rename_tensors(
     for name, tensor in tensors.items():
         ours = our_name(name, spec)
         if ours in spec.drop or name in spec.drop:
-            log(f"dropping {name} {tuple(tensor.shape)} (not part of the draft: {label} keeps it for training only)")
+            log(f"dropping {name} {tuple(tensor.shape)} (not the draft's own: the verifier's, or for training only)")
             continue
         if ours not in spec.layout:
             raise ConversionError(

@@ -2,6 +2,7 @@
 `FAMILIES` maps `speculators_model_type` to the family's model class."""
 
 from .base import FAMILIES, SpeculatorLoadError, SpeculatorModel, family, is_speculator
+from .dflash import DFlashSpeculator, DFlashSpeculatorConfig
 from .eagle import EagleSpeculator, EagleSpeculatorConfig
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .independent import IndependentSpeculator, IndependentSpeculatorConfig
@@ -11,6 +12,8 @@ from .peagle import PEagleSpeculator, PEagleSpeculatorConfig
 
 __all__ = [
     "FAMILIES",
+    "DFlashSpeculator",
+    "DFlashSpeculatorConfig",
     "Eagle3Speculator",
     "Eagle3SpeculatorConfig",
     "EagleSpeculator",

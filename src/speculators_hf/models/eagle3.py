@@ -23,11 +23,11 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import MAX_LAYERS, SpeculatorConfig, SpeculatorConfigError, VocabSize, Width, build_layer_config
 from ..generation.capture import VerifierBindingError
-from ..generation.sampling import expand_draft_vocab
 from .base import DraftOutput, family
+from .draft_vocab import DraftVocabulary
 from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
-from .objectives import chained_cross_entropy, select_draft_vocab
+from .objectives import chained_cross_entropy
 
 LAYER_CONFIG_FIELDS = (
     "hidden_size",
@@ -53,44 +53,6 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     if num_layers < 3:
         raise SpeculatorConfigError(f"EAGLE-3 needs a verifier with at least 3 layers (got {num_layers})")
     return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
-
-
-def vocab_map_problems(
-    d2t: torch.Tensor | None, t2d: torch.Tensor | None, draft_vocab_size: int, vocab_size: int
-) -> list[str]:
-    """What is wrong with a draft-to-verifier vocabulary map, one line each (empty when it is sound): draft id
-    d stands for verifier id d + d2t[d], which must lie in [0, vocab_size) and differ for every draft id
-    (an id outside fails only at generation time with an IndexError; a repeated one loses probability mass);
-    `t2d`, when given, must mark exactly those verifier ids. Shared by loading and `convert`."""
-    if d2t is None:
-        return []
-    if d2t.dtype == torch.bool or d2t.is_floating_point() or d2t.is_complex():
-        return [f"  d2t: has dtype {d2t.dtype}; it holds integer offsets (verifier id = draft id + d2t[draft id])"]
-    if tuple(d2t.shape) != (draft_vocab_size,):
-        return [f"  d2t: has shape {tuple(d2t.shape)}, expected ({draft_vocab_size},) (one offset per draft id)"]
-    target = torch.arange(draft_vocab_size, device=d2t.device) + d2t.long()
-    outside = ((target < 0) | (target >= vocab_size)).nonzero().flatten()
-    if outside.numel():
-        d = int(outside[0])
-        return [
-            f"  d2t: maps {outside.numel()} draft ids outside the verifier vocabulary [0, {vocab_size}), e.g. draft id "
-            f"{d} -> {int(target[d])} (d2t[{d}] = {int(d2t[d])}); d + d2t[d] must be a verifier id"
-        ]
-    if target.unique().numel() != draft_vocab_size:
-        return [
-            f"  d2t: maps {draft_vocab_size - target.unique().numel()} draft ids to a verifier id another draft id already "
-            "has; every draft id needs its own verifier id"
-        ]
-    if t2d is not None:
-        derived = torch.zeros(vocab_size, dtype=torch.bool, device=d2t.device)
-        derived[target] = True
-        if (
-            t2d.dtype != torch.bool
-            or tuple(t2d.shape) != (vocab_size,)
-            or not torch.equal(t2d.to(derived.device), derived)
-        ):
-            return ["  t2d: disagrees with d2t (t2d[d + d2t[d]] must be true exactly for the draft ids d)"]
-    return []
 
 
 def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
@@ -196,7 +158,7 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 @family
-class Eagle3Speculator(EagleStyleSpeculator):
+class Eagle3Speculator(DraftVocabulary, EagleStyleSpeculator):
     """EAGLE-3 draft model. Create one with `Eagle3Speculator.from_verifier(verifier)` or load one."""
 
     config_class = Eagle3SpeculatorConfig
@@ -226,16 +188,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         self.norm = rms_norm(layer_config)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = rotary(layer_config)
-        # a new draft's reduced vocabulary is a placeholder until chosen from data (`prepare_training`)
-        self.draft_vocab_chosen = False
-        if config.draft_vocab_size < layer_config.vocab_size:
-            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-            # until a vocabulary is selected (training: the most frequent targets), the first Vd ids
-            t2d = torch.zeros(layer_config.vocab_size, dtype=torch.bool)
-            t2d[: config.draft_vocab_size] = True
-            self.register_buffer("t2d", t2d)
-        else:
-            self.d2t = None
+        self.init_draft_vocab(config.draft_vocab_size, layer_config.vocab_size)
         self.post_init()
 
     @classmethod
@@ -249,10 +202,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
 
     def weight_value_problems(self) -> list[str]:
         """NaN/inf weights (the base class) and the vocabulary map (`vocab_map_problems`)."""
-        problems = super().weight_value_problems()
-        vocab = self.config.transformer_layer_config.vocab_size
-        d2t, t2d = getattr(self, "d2t", None), getattr(self, "t2d", None)
-        return problems + vocab_map_problems(d2t, t2d, self.config.draft_vocab_size, vocab)
+        return super().weight_value_problems() + self.draft_vocab_problems()
 
     # -- maths -------------------------------------------------------------------------------------
     def project(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -285,7 +235,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         return self.lm_head(hidden if self.config.norm_output else self.norm(hidden))
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return expand_draft_vocab(self.draft_logits(hidden), self.d2t, self.config.vocab_size)
+        return self.expand_vocab(self.draft_logits(hidden))
 
     def unrolled_logits(self, input_ids: torch.Tensor, features: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         """Training-time test (EAGLE-3): draft-vocab logits [B, T, Vd] of `steps` unrolled draft steps.
@@ -314,13 +264,6 @@ class Eagle3Speculator(EagleStyleSpeculator):
         steps = min(steps or self.default_train_steps or 1, input_ids.shape[1] - 2)
         t2d = self.t2d if self.d2t is not None else None
         return chained_cross_entropy(self.unrolled_logits(input_ids, features, steps), input_ids, loss_mask, t2d=t2d)
-
-    def prepare_training(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, verifier: Any) -> None:
-        """A new draft with a reduced vocabulary takes the most frequent targets of the data (`select_draft_vocab`)
-        and the verifier's embedding and lm_head rows for them."""
-        if self.d2t is not None and not self.draft_vocab_chosen:
-            select_draft_vocab(self, input_ids, loss_mask)
-            self.init_from_verifier(verifier)
 
     def forward(
         self,
@@ -386,21 +329,7 @@ class Eagle3Speculator(EagleStyleSpeculator):
         again after `set_draft_vocab`)."""
         with torch.no_grad():
             self.embed_tokens.weight.copy_(verifier.get_input_embeddings().weight)
-            head = verifier.get_output_embeddings()
-            vd = self.config.draft_vocab_size
-            if head is not None and head.weight.shape[1] == self.lm_head.weight.shape[1]:
-                ids = torch.arange(vd) if self.d2t is None else torch.arange(vd) + self.d2t.cpu()
-                self.lm_head.weight.copy_(head.weight[ids.to(head.weight.device)])
-
-    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
-        """Use verifier ids `target_ids` (sorted, length draft_vocab_size) as the draft vocabulary."""
-        target_ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
-        if self.d2t is None or target_ids.numel() != self.config.draft_vocab_size:
-            raise ValueError(f"need exactly draft_vocab_size={self.config.draft_vocab_size} ids (< verifier vocab)")
-        self.d2t.copy_(target_ids - torch.arange(target_ids.numel()))
-        self.t2d.zero_()
-        self.t2d[target_ids] = True
-        self.draft_vocab_chosen = True
+        self.init_head_from_verifier(verifier)
 
     def on_bind(self, verifier: Any) -> None:
         hidden = verifier.config.get_text_config().hidden_size

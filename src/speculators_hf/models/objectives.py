@@ -21,6 +21,28 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch
     return F.cross_entropy(chosen, labels), (chosen.argmax(-1) == labels).float().mean().item()
 
 
+def stepwise_cross_entropy(
+    steps: Any, decay: float = 0.8, t2d: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over draft steps j of decay**j x the masked CE of step j; `steps` yields (logits [..., V'], target
+    [...], mask [...]) per step, targets as verifier ids. With a reduced draft vocabulary (`t2d`: the verifier
+    ids it contains), targets outside it are left out and the others mapped to draft ids (the selected verifier
+    ids, ascending). Metrics: `acc_<j>` per step and `loss`."""
+    draft_id = None if t2d is None else torch.cumsum(t2d.long(), 0) - 1
+    total = torch.zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    for j, (logits, target, mask) in enumerate(steps):
+        mask = mask.bool()
+        if t2d is not None and draft_id is not None:
+            mask = mask & t2d[target]
+            target = draft_id[target].clamp(min=0)
+        ce, acc = masked_cross_entropy(logits, target, mask)
+        total = total.to(ce.device) + decay**j * ce
+        metrics[f"acc_{j}"] = acc
+    metrics["loss"] = total.item()
+    return total, metrics
+
+
 def chained_cross_entropy(
     step_logits: Any,
     input_ids: torch.Tensor,
@@ -29,26 +51,14 @@ def chained_cross_entropy(
     t2d: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss every chained draft shares: step (or head) j at row t predicts x_{t+j+2}; step j is
-    weighted decay**j. `step_logits` is a sequence of [B, T, V'] tensors. With a reduced draft vocabulary
-    (`t2d`: verifier ids it contains), targets outside it are left out and the others are mapped to draft
-    ids (the selected verifier ids, ascending)."""
+    weighted decay**j (`stepwise_cross_entropy`). `step_logits` is a sequence of [B, T, V'] tensors."""
     length = input_ids.shape[1]
-    draft_id = None if t2d is None else torch.cumsum(t2d.long(), 0) - 1
-    total = input_ids.new_zeros((), dtype=torch.float32)
-    metrics: dict[str, float] = {}
-    for j, logits in enumerate(step_logits):
-        if length - j - 2 <= 0:
-            break
-        target = input_ids[:, j + 2 :]
-        mask = loss_mask[:, j + 2 :].bool()
-        if t2d is not None and draft_id is not None:
-            mask = mask & t2d[target]
-            target = draft_id[target].clamp(min=0)
-        ce, acc = masked_cross_entropy(logits[:, : length - j - 2], target, mask)
-        total = total + decay**j * ce
-        metrics[f"acc_{j}"] = acc
-    metrics["loss"] = total.item()
-    return total, metrics
+    steps = (
+        (logits[:, : length - j - 2], input_ids[:, j + 2 :], loss_mask[:, j + 2 :])
+        for j, logits in enumerate(step_logits)
+        if length - j - 2 > 0
+    )
+    return stepwise_cross_entropy(steps, decay, t2d)
 
 
 def select_draft_vocab(draft: Any, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

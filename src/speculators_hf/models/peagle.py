@@ -19,19 +19,17 @@ vLLM serves the format as EAGLE-3 with parallel drafting, `mask_token_id` becomi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, StrictInt
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..config import TokenId
 from ..generation.kvcache import DraftTreeState, causal_block
 from .base import family
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .objectives import chained_cross_entropy
-
-TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
 class PEagleSpeculatorConfig(Eagle3SpeculatorConfig):

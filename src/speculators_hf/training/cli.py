@@ -11,6 +11,7 @@ import torch
 from ..arguments import (
     existing_dir,
     existing_file,
+    key_value,
     model_ref,
     new_dir,
     non_negative_int,
@@ -93,21 +94,33 @@ def _family_layer_ids(family: str, verifier: Any) -> list[int]:
     return _new_draft(family, verifier, None).verifier_layer_ids()
 
 
-def _new_draft(family: str, verifier: Any, draft_vocab_size: int | None, speculative_tokens: int = 5) -> Any:
-    """A new `family` draft for `verifier` with `speculative_tokens`, and `draft_vocab_size` for the families
-    that have a draft vocabulary (else their default, e.g. a quarter of the verifier's for EAGLE-3)."""
+def _new_draft(
+    family: str,
+    verifier: Any,
+    draft_vocab_size: int | None,
+    speculative_tokens: int | None = None,
+    draft_args: dict[str, Any] | None = None,
+) -> Any:
+    """A new `family` draft for `verifier` with `speculative_tokens`, `draft_vocab_size` for the families
+    that have a draft vocabulary (else their default, e.g. a quarter of the verifier's for EAGLE-3) and the
+    family's own `from_verifier` arguments `draft_args` (a wrong one is refused naming the family)."""
     from ..models import FAMILIES
 
     if family not in FAMILIES:
         raise SystemExit(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     model_class = FAMILIES[family]
-    kwargs: dict[str, Any] = {"speculative_tokens": speculative_tokens}
+    kwargs: dict[str, Any] = {} if speculative_tokens is None else {"speculative_tokens": speculative_tokens}
     if draft_vocab_size:
         schema = model_class.config_class.fields_schema()
         if schema is None or "draft_vocab_size" not in schema.model_fields:
             raise SystemExit(f"--draft-vocab-size: a {family} draft has no draft vocabulary of its own")
         kwargs["draft_vocab_size"] = draft_vocab_size
-    return model_class.from_verifier(verifier, **kwargs)
+    try:
+        return model_class.from_verifier(verifier, **kwargs, **(draft_args or {}))
+    except (TypeError, ValueError) as err:
+        if not draft_args:
+            raise
+        raise SystemExit(f"--draft-arg {draft_args}: not accepted by a new {family} draft: {err}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,7 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
     else:
         torch.manual_seed(args.seed if args.seed is not None else 0)  # the same new draft in every process and run
-        draft = _new_draft(args.family, verifier, args.draft_vocab_size, args.speculative_tokens)
+        draft = _new_draft(
+            args.family, verifier, args.draft_vocab_size, args.speculative_tokens, dict(args.draft_args or [])
+        )
     # the feature cache covers every block; training sees all but the held-out ones
     dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(n_train))
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
@@ -213,7 +228,18 @@ def add_parsers(sub: Any) -> None:
         "benchmarks/draft_vocab.py)",
     )
     tr.add_argument(
-        "--speculative-tokens", type=positive_int, default=5, help="default draft length saved in the config"
+        "--speculative-tokens",
+        type=positive_int,
+        help="default draft length saved in the config (default: the family's, 5 for most, a whole block for DFlash)",
+    )
+    tr.add_argument(
+        "--draft-arg",
+        dest="draft_args",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="an argument of a new draft's `from_verifier` (repeatable), e.g. mask_token_id=0 (P-EAGLE, DFlash), "
+        "block_size=8 or num_layers=2 (DFlash), medusa_num_heads=4 (Medusa)",
     )
     tr.add_argument("--features", type=existing_dir, help="feature cache folder (default: computed on the fly)")
     tr.add_argument("--steps", type=positive_int)
