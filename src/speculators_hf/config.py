@@ -248,7 +248,10 @@ class SpeculatorConfig(PretrainedConfig):
         if not self.speculators_model_type:
             self.speculators_model_type = self.family
         if self.speculators_config is None:
-            self.speculators_config = default_speculators_config(self.family or self.speculators_model_type)
+            limit = self.max_speculative_tokens  # a family that proposes fewer than 5 tokens a round drafts them all
+            self.speculators_config = default_speculators_config(
+                self.family or self.speculators_model_type, min(5, limit) if limit else 5
+            )
         self.speculators_config.setdefault("verifier", {}).update(fingerprint)
         if not self.architectures and self.model_class_name:
             self.architectures = [self.model_class_name]

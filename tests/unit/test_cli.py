@@ -128,3 +128,17 @@ def test_demo_and_bench_prompt_a_chat_model_through_its_template(chat_pair, chat
     assert seen[-1][0] == start
     assert main([*bench_args, "--no-chat"]) == 0
     assert seen[-1] == chat_tokenizer("why is the draft fast").input_ids
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "src", "dst", "--set", "mask_token_id"],
+        ["train", "--verifier", "v", "--data", ".", "--output", "o", "--draft-arg", "=3"],
+    ],
+)
+def test_key_value_options_are_refused_in_one_line_without_an_equals_sign(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -6,17 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+from ..arguments import key_value
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -35,7 +25,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from_format=args.from_format,
             verifier=args.verifier,
             to=args.to,
-            overrides=_parse_set(args.set),
+            overrides=dict(args.set or []),
             overwrite=args.overwrite,
             revision=args.revision,
             cache_dir=args.cache_dir,
@@ -106,6 +96,7 @@ def add_parsers(sub: Any) -> None:
     parser.add_argument(
         "--set",
         action="append",
+        type=key_value,
         metavar="KEY=VALUE",
         help="set a config field of the result, e.g. norm_before_residual=true or speculative_tokens=3 (repeatable)",
     )

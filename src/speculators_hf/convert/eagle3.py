@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..config import SpeculatorConfigError, default_speculators_config
+from ..config import SpeculatorConfigError
 from ..models import FAMILIES
 from ..models.draft_vocab import vocab_map_problems
 from ..models.eagle3 import Eagle3Speculator, default_aux_layer_ids
@@ -75,7 +75,6 @@ def config_from_spec(source: Source, spec: FormatSpec, overrides: Collection[str
     try:
         config = config_class(
             transformer_layer_config=layer,
-            speculators_config=default_speculators_config(spec.family),
             **{aux_field(config_class): aux},
             **fields,
         )

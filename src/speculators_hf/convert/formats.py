@@ -147,19 +147,43 @@ def _spec_dir() -> Any:
     return resources.files("speculators_hf.convert").joinpath("specs")
 
 
+def _merged(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 @cache
 def all_specs() -> dict[str, FormatSpec]:
-    """Every spec in `specs/*.yaml`, by name."""
+    """Every spec in `specs/*.yaml`, by name. A spec with `extends: NAME` is that spec with its own keys laid over
+    it (`_merged`: mappings merge, lists and values are replaced), so a variant states only what differs."""
+    raw = {
+        entry.name.removesuffix(".yaml"): yaml.safe_load(entry.read_text())
+        for entry in sorted(_spec_dir().iterdir(), key=lambda p: p.name)
+        if entry.name.endswith(".yaml")
+    }
+
+    def resolved(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+        data = dict(raw[name])
+        base = data.pop("extends", None)
+        if base is None:
+            return data
+        if base not in raw or base in seen:
+            raise ConversionError(f"format spec {name}.yaml extends {base!r}: no such spec, or a cycle")
+        return _merged(resolved(base, (*seen, name)), data)
+
     specs = {}
-    for entry in sorted(_spec_dir().iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".yaml"):
-            continue
+    for file_name in raw:
         try:
-            spec = FormatSpec.model_validate(yaml.safe_load(entry.read_text()))
+            spec = FormatSpec.model_validate(resolved(file_name))
         except ValidationError as err:
-            raise ConversionError(f"invalid format spec {entry.name}:\n{err}") from err
-        if spec.name + ".yaml" != entry.name:
-            raise ConversionError(f"format spec {entry.name} is named {spec.name!r}; the file must be {spec.name}.yaml")
+            raise ConversionError(f"invalid format spec {file_name}.yaml:\n{err}") from err
+        if spec.name != file_name:
+            raise ConversionError(
+                f"format spec {file_name}.yaml is named {spec.name!r}; the file must be {spec.name}.yaml"
+            )
         specs[spec.name] = spec
     return specs
 
