@@ -714,3 +714,24 @@ def test_specs_and_known_checkpoints_are_consistent():
     for entry in known:
         spec = load_spec(entry["format"])
         assert entry["status"] == spec.status and entry["verified"] and "/" in entry["repo"]
+
+
+def test_a_spec_extends_another_and_a_bad_base_is_named(tmp_path, monkeypatch):
+    """`extends: NAME`: the variant's mappings merge over the base's, its lists replace them; an unknown base
+    or a cycle is refused naming the file."""
+    from speculators_hf.convert import formats
+
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ntitle: B\nstatus: supported\nfamily: eagle3\n"
+        "tensors: {layout: {fc.weight: [a]}, optional: [fc.weight]}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "extends: base\nname: child\ntitle: C\nfamily: peagle\ntensors: {layout: {mask_hidden: [b]}, optional: []}\n"
+    )
+    monkeypatch.setattr(formats, "_spec_dir", lambda: tmp_path)
+    child = formats.all_specs.__wrapped__()["child"]
+    assert child.status == "supported" and child.family == "peagle"
+    assert child.tensors.layout == {"fc.weight": ["a"], "mask_hidden": ["b"]} and child.tensors.optional == []
+    (tmp_path / "base.yaml").write_text((tmp_path / "base.yaml").read_text() + "extends: child\n")
+    with pytest.raises(ConversionError, match=r"(base|child).yaml extends '(child|base)': no such spec, or a cycle"):
+        formats.all_specs.__wrapped__()
