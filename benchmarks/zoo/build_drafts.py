@@ -44,6 +44,21 @@ EVAL_PROMPTS = 24
 # family -> (constructor keyword arguments, training settings); sized for about an hour on 2 CPU cores
 RECIPES = {
     "eagle3": ({"draft_vocab_size": 2048}, {"steps": 1200, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 3}),
+    # P-EAGLE: ttt_steps is the number of parallel depths trained; mask token 1 is the verifier's pad token
+    # (`<|pad|>`), which never occurs in the corpus or the verifier's output. 5 depths cost 1.86 s/step on one
+    # thread (6: 2.32 s), so 1200 + 300 steps would not fit 45 minutes: the first stage has 1000
+    "peagle": (
+        {"draft_vocab_size": 2048, "mask_token_id": 1},
+        {"steps": 1000, "batch_size": 8, "learning_rate": 2e-3, "ttt_steps": 5},
+    ),
+    # DFlash: 2 Qwen3 layers, blocks of 8 (7 tokens a round), 64 random anchors per sequence a step; mask token 0
+    # (`<|endoftext|>`): the pad token's embedding row is all zeros (padding_idx) and DFlash borrows the
+    # verifier's embedding frozen. 2.0 s/step on one thread; every token reaches a slot only through attention,
+    # which starts uniform, hence a larger step size than EAGLE-3's; 900 + 300 steps fit the session (EAGLE-3: 1200 + 300)
+    "dflash": (
+        {"draft_vocab_size": 2048, "block_size": 8, "num_layers": 2, "mask_token_id": 0},
+        {"steps": 900, "batch_size": 8, "learning_rate": 3e-3},
+    ),
     "eagle": ({}, {"steps": 600, "batch_size": 8, "learning_rate": 2e-3}),
     "medusa": ({"medusa_num_heads": 4}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
     "mlp_speculator": ({"n_predict": 3}, {"steps": 300, "batch_size": 8, "learning_rate": 2e-3}),
@@ -53,6 +68,9 @@ RECIPES = {
 FOLLOW_UPS = {
     # the first stage unrolls 3 steps (cheap); drafting runs 5, so the deeper steps are trained here
     "eagle3": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "ttt_steps": 5, "warmup_steps": 20}],
+    # the first stage trains 5 parallel depths (chains of 5); this one 6, as the benchmark drafts chains of 3-7
+    "peagle": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "ttt_steps": 6, "warmup_steps": 20}],
+    "dflash": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 20}],
 }
 
 
@@ -150,7 +168,7 @@ def train_first_stage(
 ) -> None:
     """A new draft of `family` trained with its recipe to `out/final`."""
     ctor, settings = RECIPES[family]
-    draft_class = {config_class.family: model_class for config_class, model_class in sh.models.FAMILIES}[family]
+    draft_class = sh.models.FAMILIES[family]  # the registry: speculators_model_type -> model class
     draft = draft_class.from_verifier(verifier, **ctor)
     if getattr(draft, "d2t", None) is not None:
         select_draft_vocab(draft, input_ids, loss_mask)
@@ -168,18 +186,28 @@ def train_first_stage(
 
 
 def publish(work: Path, families: list[str]) -> None:
-    """fp16 copies in Hub layout under benchmarks/zoo/hub, with the drafts pointing at VERIFIER_ID."""
+    """fp16 copies in Hub layout under benchmarks/zoo/hub, with the drafts pointing at VERIFIER_ID.
+
+    Only the families asked for are written. The verifier (with its tokenizer), `prompts.json` and
+    `verifier_training_log.jsonl` are written only when the zoo does not hold them yet (a first build):
+    re-saving them would add new blobs to the repository's history for nothing, and a verifier rebuilt from
+    a work dir (e.g. the published fp16 one upcast) must not replace the one every draft was trained for."""
     import tempfile
 
     hub = ZOO / "hub"
+    verifier_repo = hub / f"models--{VERIFIER_ID.replace('/', '--')}"
     with tempfile.TemporaryDirectory() as tmp:
-        verifier = AutoModelForCausalLM.from_pretrained(work / "verifier" / "final", dtype=torch.float16)
-        verifier.save_pretrained(Path(tmp) / "verifier")
-        AutoTokenizer.from_pretrained(work / "verifier" / "final").save_pretrained(Path(tmp) / "verifier")
-        save_to_hub_cache(Path(tmp) / "verifier", VERIFIER_ID, hub)
+        if not verifier_repo.exists():
+            verifier = AutoModelForCausalLM.from_pretrained(work / "verifier" / "final", dtype=torch.float16)
+            verifier.save_pretrained(Path(tmp) / "verifier")
+            AutoTokenizer.from_pretrained(work / "verifier" / "final").save_pretrained(Path(tmp) / "verifier")
+            save_to_hub_cache(Path(tmp) / "verifier", VERIFIER_ID, hub)
+        else:
+            print(f"{VERIFIER_ID}: already in {hub}, left as it is")
         for family in families:
             final = final_dir(work / "drafts" / family, family)
             if not (final / "config.json").exists():
+                print(f"{family}: not trained in {work}, skipped")
                 continue
             draft = sh.load_draft(final, dtype=torch.float16)
             draft.config.verifier["name_or_path"] = VERIFIER_ID
@@ -188,9 +216,13 @@ def publish(work: Path, families: list[str]) -> None:
             stages = [work / "drafts" / family / "final", *sorted((work / "drafts" / family).glob("stage*/final"))]
             summary = [json.loads((f / "training_summary.json").read_text()) for f in stages]
             (ZOO / f"training_{family}.json").write_text(json.dumps(summary, indent=1))
-    (ZOO / "prompts.json").write_text((work / "prompts.json").read_text())
+            print(f"speculators-hf/zoo-{family}: published")
+    if not (ZOO / "prompts.json").exists():
+        (ZOO / "prompts.json").write_text((work / "prompts.json").read_text())
     for log in ("training_log.jsonl",):
-        (ZOO / f"verifier_{log}").write_text((work / "verifier" / log).read_text())
+        source, target = work / "verifier" / log, ZOO / f"verifier_{log}"
+        if not target.exists() and source.exists():
+            target.write_text(source.read_text())
     print(f"published to {hub}")
 
 

@@ -192,6 +192,9 @@ def run_bench(
         methods += [draft_method(name, draft, k) for name, draft in drafts.items()]
     for tree in trees or []:
         for name, draft in drafts.items():
+            if not _can_draft(draft, tree):
+                print(f"note: {name} drafts a chain in one pass and defines no trees; skipping tree {tree}")
+                continue
             methods.append(
                 _Method(f"{name} (tree {tree})", _tree_depth(tree), partial(_tree_run, verifier, draft, tree, max_new_tokens))
             )  # fmt: skip
@@ -199,7 +202,12 @@ def run_bench(
         fixed = [k for k in k_values if isinstance(k, int)] or [5]
         batch_trees = trees or [f"chain:{fixed[len(fixed) // 2]}"]
         runs: list[tuple[str, Any, str | None]] = [(f"verifier alone (batch {batch_size})", None, None)]
-        runs += [(f"{name} (batch {batch_size}, tree {t})", d, t) for t in batch_trees for name, d in drafts.items()]
+        runs += [
+            (f"{name} (batch {batch_size}, tree {t})", d, t)
+            for t in batch_trees
+            for name, d in drafts.items()
+            if _can_draft(d, t)
+        ]
         for label, draft, batch_tree in runs:
             measure = partial(_batched_run, verifier, draft, batch_size, batch_tree, max_new_tokens)
             methods.append(_Method(label, None if batch_tree is None else _tree_depth(batch_tree), measure))
@@ -252,6 +260,16 @@ def run_bench(
 
 def _median_run(runs: list[_Measured]) -> _Measured:
     return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+
+
+def _can_draft(draft: Any, tree: str) -> bool:
+    """False for a tree (not a chain or "auto") given to a draft that drafts chains in one pass (P-EAGLE, DFlash)."""
+    from .generation.policy import auto_depth
+    from .generation.tree import TreeSpec
+
+    if not getattr(draft, "drafts_in_parallel", False) or auto_depth(tree) is not None:
+        return True
+    return TreeSpec.parse(tree).kind == "chain"
 
 
 def _tree_depth(tree: str) -> int | None:

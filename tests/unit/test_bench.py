@@ -153,3 +153,18 @@ def test_verification_costs_are_relative_to_one_token():
     costs = verification_costs(verifier, [6, 3, 6], context=16, samples=3)
     assert sorted(costs) == [1, 3, 6] and costs[1] == 1.0 and all(c > 0 for c in costs.values())
     assert "| 6 |" in verification_table(costs)
+
+
+def test_trees_are_skipped_for_drafts_that_draft_chains_in_one_pass():
+    """A default `bench --tree dynamic:...` over every zoo family must not stop at P-EAGLE or DFlash."""
+    from speculators_hf.bench import _can_draft
+
+    verifier = make_verifier()
+    dflash, eagle3 = sh.DFlashSpeculator.from_verifier(verifier), sh.Eagle3Speculator.from_verifier(verifier)
+    assert [_can_draft(dflash, t) for t in ("chain:5", "auto:4", "dynamic:3:2:4", "[[0], [1]]")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert _can_draft(eagle3, "dynamic:3:2:4")

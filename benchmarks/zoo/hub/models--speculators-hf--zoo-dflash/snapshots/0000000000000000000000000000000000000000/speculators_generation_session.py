@@ -1,0 +1,1 @@
+../../blobs/2fddd0fa4b9f8319e67ac4488b225ce74aecd3e8ec119c9115d4454b5468cdff

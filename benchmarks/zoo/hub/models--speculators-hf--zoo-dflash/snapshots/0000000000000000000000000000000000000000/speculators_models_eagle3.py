@@ -1,0 +1,1 @@
+../../blobs/45f32f9c41451d6e0b32cbfb4b1748c9bf14dec5fda4dafacde7d23ab1a103b1

@@ -1,0 +1,1 @@
+../../blobs/e429b2b6c4ca79d278f1817838e1aeb3f6b67ba854a814d41e8b206caacde89a

@@ -1,0 +1,1 @@
+../../blobs/19fbc639b4e1600645d2aebbc97f5935f3dd29cbce4f6d990d3a1c001d5fa9a2

@@ -1,0 +1,1 @@
+../../blobs/69e80e7bec9dcef2499ebfa6bb80c0c768fcf76364ef75825f5ed4599849ebd9
