@@ -1,1 +1,1 @@
-../../blobs/70cd06d93285990f13ddba0efb422780e44a2bc4fe15a1aea241b58b42edd8f9
+../../blobs/45f32f9c41451d6e0b32cbfb4b1748c9bf14dec5fda4dafacde7d23ab1a103b1
