@@ -68,6 +68,24 @@ Width = Annotated[StrictInt, Field(gt=0, le=MAX_WIDTH)]
 VocabSize = Annotated[StrictInt, Field(gt=0, le=MAX_VOCAB_SIZE)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_VOCAB_SIZE)]
 
+
+def mask_token_problems(mask_token_id: int | None, vocab_size: int | None) -> list[str]:
+    """`check_fields` lines of a parallel drafter's `mask_token_id` (P-EAGLE, DFlash): it must be a vocabulary id."""
+    if mask_token_id is None or vocab_size is None or mask_token_id < vocab_size:
+        return []
+    return [f"  mask_token_id: {mask_token_id} is outside the vocabulary (size {vocab_size})"]
+
+
+def required_mask_token(config: Any, title: str) -> int:
+    """The `mask_token_id` a parallel drafter fills the positions not known yet with; an error naming the fix."""
+    if config.mask_token_id is None:
+        raise ValueError(
+            f"this {title} draft has no mask_token_id: set draft.config.mask_token_id (the token it was trained "
+            "with for the positions not known yet) before drafting"
+        )
+    return int(config.mask_token_id)
+
+
 # Fields of a nested transformers config (`transformer_layer_config`, `draft_model_config`) that size the
 # model built from it, by their standard names (a config class's `attribute_map` gives its own names).
 LAYER_LIMITS = {

@@ -38,17 +38,18 @@ from ..config import (
     MAX_LAYERS,
     MAX_SPECULATIVE_TOKENS,
     SpeculatorConfig,
-    SpeculatorConfigError,
     TokenId,
     VocabSize,
     Width,
     build_layer_config,
+    mask_token_problems,
+    required_mask_token,
 )
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, additive_mask, gather_rows, last_valid
 from .base import SpeculatorModel, family
 from .draft_vocab import DraftVocabulary
-from .eagle3 import default_aux_layer_ids, draft_layer_config
+from .eagle3 import default_aux_layer_ids, draft_layer_config, resolve_aux_layer_ids
 from .layers import mlp, rms_norm, rotary
 from .objectives import stepwise_cross_entropy
 
@@ -86,8 +87,7 @@ class DFlashSpeculatorConfig(SpeculatorConfig):
             problems.append(
                 f"  draft_vocab_size: {self.draft_vocab_size} exceeds transformer_layer_config.vocab_size ({vocab})"
             )
-        if vocab is not None and self.mask_token_id is not None and self.mask_token_id >= vocab:
-            problems.append(f"  mask_token_id: {self.mask_token_id} is outside the vocabulary (size {vocab})")
+        problems += mask_token_problems(self.mask_token_id, vocab)
         types = getattr(layer, "layer_types", None)
         if types is not None and len(types) != layer.num_hidden_layers:
             problems.append(
@@ -99,16 +99,8 @@ class DFlashSpeculatorConfig(SpeculatorConfig):
 
     @property
     def aux_layer_ids(self) -> list[int]:
-        """Verifier hidden states read, in `output_hidden_states` numbering (ascending)."""
-        ids = self.aux_hidden_state_layer_ids
-        if ids is None:
-            layers = self.verifier.get("num_hidden_layers")
-            if layers is None:
-                raise SpeculatorConfigError(
-                    "aux_hidden_state_layer_ids is unset and the verifier's num_hidden_layers is unknown"
-                )
-            ids = default_aux_layer_ids(layers)
-        return sorted(ids)
+        """Verifier hidden states read, in `output_hidden_states` numbering (`resolve_aux_layer_ids`)."""
+        return resolve_aux_layer_ids(self, "aux_hidden_state_layer_ids")
 
     @property
     def feature_size(self) -> int:
@@ -252,12 +244,7 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
 
     @property
     def mask_token(self) -> int:
-        if self.config.mask_token_id is None:
-            raise ValueError(
-                "this DFlash draft has no mask_token_id: set draft.config.mask_token_id (the token it was trained "
-                "with for the positions of the block not known yet) before drafting"
-            )
-        return self.config.mask_token_id
+        return required_mask_token(self.config, self.title)
 
     # -- maths ------------------------------------------------------------------------------------------
     def context(self, features: list[torch.Tensor]) -> torch.Tensor:

@@ -55,6 +55,18 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
 
 
+def resolve_aux_layer_ids(config: SpeculatorConfig, field: str) -> list[int]:
+    """The verifier hidden states a config's `field` names (ascending; vLLM gathers them in layer order too), or
+    `default_aux_layer_ids` of the verifier's layer count when it is unset."""
+    ids = getattr(config, field)
+    if ids is None:
+        layers = config.verifier.get("num_hidden_layers")
+        if layers is None:
+            raise SpeculatorConfigError(f"{field} is unset and the verifier's num_hidden_layers is unknown")
+        ids = default_aux_layer_ids(layers)
+    return sorted(ids)
+
+
 def draft_layer_config(verifier_text_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
     """A one-layer decoder config with the verifier's widths, heads, norm eps and RoPE."""
     model_type = verifier_text_config.model_type if verifier_text_config.model_type in PARTS else "llama"
@@ -110,16 +122,8 @@ class Eagle3SpeculatorConfig(SpeculatorConfig):
 
     @property
     def aux_layer_ids(self) -> list[int]:
-        """Verifier hidden states read (ascending; vLLM gathers them in layer order too)."""
-        ids = self.eagle_aux_hidden_state_layer_ids
-        if ids is None:
-            layers = self.verifier.get("num_hidden_layers")
-            if layers is None:
-                raise SpeculatorConfigError(
-                    "eagle_aux_hidden_state_layer_ids is unset and the verifier's num_hidden_layers is unknown"
-                )
-            ids = default_aux_layer_ids(layers)
-        return sorted(ids)
+        """Verifier hidden states read (`resolve_aux_layer_ids`)."""
+        return resolve_aux_layer_ids(self, "eagle_aux_hidden_state_layer_ids")
 
     @property
     def feature_size(self) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import TokenId
+from ..config import TokenId, mask_token_problems, required_mask_token
 from ..generation.kvcache import DraftTreeState, causal_block
 from .base import family
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
@@ -44,8 +44,7 @@ class PEagleSpeculatorConfig(Eagle3SpeculatorConfig):
     def check_fields(self) -> list[str]:
         problems = super().check_fields()
         vocab = getattr(self.transformer_layer_config, "vocab_size", None)
-        if self.mask_token_id is not None and vocab is not None and self.mask_token_id >= vocab:
-            problems.append(f"  mask_token_id: {self.mask_token_id} is outside the vocabulary (size {vocab})")
+        problems += mask_token_problems(self.mask_token_id, vocab)
         return problems
 
 
@@ -69,12 +68,7 @@ class PEagleSpeculator(Eagle3Speculator):
 
     @property
     def mask_token(self) -> int:
-        if self.config.mask_token_id is None:
-            raise ValueError(
-                "this P-EAGLE draft has no mask_token_id: set draft.config.mask_token_id (the token it was trained "
-                "with for unknown positions) before drafting"
-            )
-        return self.config.mask_token_id
+        return required_mask_token(self.config, self.title)
 
     def mask_entries(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [B, K] (the mask token) and hidden inputs [B, K, H] (fc of `mask_hidden`) of K mask entries."""

@@ -1,1 +1,1 @@
-../../blobs/45f32f9c41451d6e0b32cbfb4b1748c9bf14dec5fda4dafacde7d23ab1a103b1
+../../blobs/ffbca763d9e4531d03319cdd1b4bb84f44e66cd1680cc3fb798c3bd0e9adf990
