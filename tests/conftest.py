@@ -95,6 +95,14 @@ def make_prompts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 24, voc
     return [torch.tensor([[rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))]]) for _ in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def _calibration_dir(tmp_path_factory, monkeypatch):
+    """Adaptive drafting saves its calibration on disk: in a folder of each test's own, never in the user's home
+    (and learning, whatever the environment says)."""
+    monkeypatch.setenv("SPECULATORS_HF_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
+    monkeypatch.delenv("SPECULATORS_HF_AUTO_FROZEN", raising=False)
+
+
 @pytest.fixture
 def verifier() -> PreTrainedModel:
     return make_verifier("llama")

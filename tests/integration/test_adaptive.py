@@ -6,6 +6,9 @@ ignored the costs (a fixed chain) fails these tests."""
 
 from __future__ import annotations
 
+import time
+import weakref
+
 import pytest
 import torch
 from conftest import ks_critical_value, ks_uniform_statistic, make_prompts, make_verifier, sampling_pit_values
@@ -38,7 +41,7 @@ def test_auto_is_exact_inside_transformers_generate(draft_name):
         )
         assert torch.equal(ref, out), f"auto drafting changed the output: {ref.tolist()} != {out.tolist()}"
         assert draft.generation_stats.drafted_tokens > 0
-    assert draft.generation_config.num_assistant_tokens == draft.config.speculative_tokens  # for this call only
+    assert draft.generation_config.num_assistant_tokens is None  # "auto" for these calls only
 
 
 def _with_costs(monkeypatch, costs: DraftingCosts) -> None:
@@ -130,3 +133,42 @@ def test_the_config_switch_makes_auto_the_default(monkeypatch, tmp_path):
     with pytest.raises(sh.SpeculatorConfigError, match="adaptive must be true or false"):
         draft.config.adaptive_drafting = "yes"
     assert draft.config.adaptive_drafting is True
+
+
+def _sampled(loop: str, verifier, draft, prompt) -> torch.Tensor:
+    torch.manual_seed(0)
+    if loop == "own":
+        return sh.generate(verifier, draft, prompt, tree="auto", max_new_tokens=24, do_sample=True, top_k=0)
+    return verifier.generate(
+        prompt, max_new_tokens=24, do_sample=True, top_k=0, assistant_model=draft, num_assistant_tokens="auto"
+    )
+
+
+@pytest.mark.parametrize("draft_name", ["independent-perturbed", "dflash"])
+@pytest.mark.parametrize("loop", ["own", "transformers"])
+def test_frozen_auto_gives_one_output_per_seed(monkeypatch, loop, draft_name):
+    """Learning "auto" follows the rounds' timings, so on machines of different speeds (here: clocks that tick at
+    different rates) one seed gives different sampled outputs; frozen (SPECULATORS_HF_AUTO_FROZEN=1) the threshold
+    reads only the saved calibration, and one seed gives one output whatever the clock, in both loops."""
+    # a CPU-like calibration (chains, not trees: width costs), whatever the clock says
+    monkeypatch.setattr(policy, "verification_seconds", lambda *a, **k: {n: 0.01 + 5e-4 * n for n in a[1]})
+    verifier = make_verifier(pad_token_id=None, eos_token_id=None)
+    draft = perturbed_copy(verifier, noise=0.05) if draft_name != "dflash" else ALL_DRAFTS["dflash"](verifier)
+    prompt = make_prompts(1, seed=3)[0]
+
+    def sampled_at(tick: float) -> tuple[int, ...]:
+        monkeypatch.setattr(policy, "_LEARNED", weakref.WeakKeyDictionary())  # a new process: nothing learned
+        now = [0.0]
+
+        def perf_counter() -> float:
+            now[0] += tick
+            return now[0]
+
+        monkeypatch.setattr(time, "perf_counter", perf_counter)
+        return tuple(_sampled(loop, verifier, draft, prompt)[0].tolist())
+
+    ticks = (1e-6, 1e-3, 1.0)
+    assert len({sampled_at(tick) for tick in ticks}) > 1, "learning auto: the clock did not change the output"
+    monkeypatch.setenv(policy.FROZEN_ENV, "1")
+    frozen = {sampled_at(tick) for tick in ticks}
+    assert len(frozen) == 1, f"frozen auto, one seed, several outputs: {frozen}"

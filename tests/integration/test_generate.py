@@ -187,7 +187,7 @@ def test_draft_length_from_config_and_per_call_override():
     assert draft.generation_stats.tau == pytest.approx(4.0)
     verifier.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=draft, num_assistant_tokens=7)
     assert draft.generation_stats.tau == pytest.approx(8.0)
-    assert draft.generation_config.num_assistant_tokens == 3  # the override lasted one call
+    assert draft.generation_config.num_assistant_tokens is None  # the override lasted one call
     draft.config.speculative_tokens = 5
     verifier.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=draft)
     assert draft.generation_stats.tau == pytest.approx(6.0)

@@ -147,6 +147,7 @@ def test_every_generation_config_field_is_classified():
         *settings.LOOP_SETTINGS,
         *settings.NO_EFFECT_SETTINGS,
         *settings.REFUSED_SETTINGS,
+        *settings.ASSISTANT_SETTINGS,
     }
     fields = set(GenerationConfig().to_dict())
     assert fields - known == set(), f"unclassified GenerationConfig fields: {sorted(fields - known)}"
@@ -155,6 +156,7 @@ def test_every_generation_config_field_is_classified():
         settings.LOOP_SETTINGS,
         settings.NO_EFFECT_SETTINGS,
         settings.REFUSED_SETTINGS,
+        settings.ASSISTANT_SETTINGS,
     ]
     assert sum(len(set(g)) for g in groups) == len(known), "a field is in two groups"
 

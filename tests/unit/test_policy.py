@@ -3,6 +3,9 @@ against numbers worked out by hand, and against inputs where a policy that ignor
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from conftest import make_verifier
@@ -21,9 +24,9 @@ GPU = {1: 0.010, 8: 0.010, 16: 0.0101, 32: 0.0102, 48: 0.0105, 64: 0.014}
 def test_auto_settings_are_read_and_bad_ones_named():
     assert auto_depth("auto") == 0 and auto_depth("auto:12") == 12
     assert auto_depth("chain:5") is None and auto_depth(5) is None and auto_depth(None) is None
-    for bad in ("auto:x", "auto:5:0.3", "auto:-1"):
-        with pytest.raises(ValueError, match="'auto' or 'auto:<maximum draft length>'"):
-            auto_depth(bad)
+    for bad in ("auto:x", "auto:5:0.3", "auto:-1", "auto:0", "auto:", "auto: 3", "auto:+3"):
+        with pytest.raises(ValueError, match=r"tree='.*': use 'auto' or 'auto:<maximum draft length>'"):
+            auto_depth(bad, "tree")
 
 
 def test_the_chain_stops_where_one_more_token_costs_more_than_it_brings():
@@ -128,3 +131,115 @@ def test_measured_verification_seconds_grow_with_width():
     assert set(batched) == {1, 2}
     with torch.inference_mode():  # usable inside a caller's inference mode too
         policy.verification_seconds(verifier, [2], context=8, samples=1)
+
+
+# -- the calibration on disk -------------------------------------------------------------------------------------
+class Measure:
+    """Stands in for `verification_seconds`, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, verifier, widths, context=128, samples=30, batch_size=1):
+        self.calls += 1
+        return {n: 0.01 + 0.0005 * n for n in widths}
+
+
+def saved_files(tmp_path):
+    return sorted(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+
+def test_the_calibration_is_saved_and_a_new_process_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(policy.CALIBRATION_DIR_ENV, str(tmp_path))
+    measure = Measure()
+    monkeypatch.setattr(policy, "verification_seconds", measure)
+    seconds = policy.verifier_calibration(make_verifier())
+    assert measure.calls == 1 and set(seconds) == set(policy.CALIBRATION_WIDTHS)
+    [path] = saved_files(tmp_path)
+    saved = json.loads(path.read_text())
+    assert saved["key"]["batch_size"] == 1 and saved["seconds"] == {str(n): t for n, t in seconds.items()}
+    # a new process: nothing cached in memory, a new verifier object of the same model
+    monkeypatch.setattr(policy, "_VERIFY", type(policy._VERIFY)())
+    assert policy.verifier_calibration(make_verifier(seed=1)) == seconds and measure.calls == 1
+    # another batch size, dtype or model is another calibration
+    policy.verifier_calibration(make_verifier(), batch_size=2)
+    policy.verifier_calibration(make_verifier(num_hidden_layers=2))
+    assert measure.calls == 3 and len(saved_files(tmp_path)) == 3
+
+
+def test_the_calibration_directory_defaults_to_hf_home(monkeypatch, tmp_path):
+    monkeypatch.delenv(policy.CALIBRATION_DIR_ENV)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert policy.calibration_dir() == tmp_path / "speculators_hf" / "calibration"
+
+
+def _corrupt(path, good: dict) -> dict:
+    """Damaged or hostile versions of a good calibration file, by what is wrong with them."""
+    other_key = {**good["key"], "batch_size": 8}
+    seconds = good["seconds"]
+    return {
+        "not json": b"\x00\xffgarbage",
+        "a list": json.dumps([1, 2]).encode(),
+        "another format": json.dumps({**good, "format": 2}).encode(),
+        "another key": json.dumps({**good, "key": other_key}).encode(),
+        "a width missing": json.dumps({**good, "seconds": {k: v for k, v in seconds.items() if k != "64"}}).encode(),
+        "an extra width": json.dumps({**good, "seconds": {**seconds, "5": 0.01}}).encode(),
+        "a negative time": json.dumps({**good, "seconds": {**seconds, "1": -0.01}}).encode(),
+        "a zero time": json.dumps({**good, "seconds": {**seconds, "1": 0}}).encode(),
+        "NaN": json.dumps({**good, "seconds": {**seconds, "1": math.nan}}).encode(),
+        "infinity": json.dumps({**good, "seconds": {**seconds, "1": math.inf}}).encode(),
+        "a string": json.dumps({**good, "seconds": {**seconds, "1": "0.01"}}).encode(),
+        "a bool": json.dumps({**good, "seconds": {**seconds, "1": True}}).encode(),
+        "an hour-long pass": json.dumps({**good, "seconds": {**seconds, "1": 1e9}}).encode(),
+        "huge": json.dumps({**good, "padding": "x" * policy.MAX_CALIBRATION_BYTES}).encode(),
+    }
+
+
+def test_a_damaged_or_hostile_calibration_is_refused_with_a_warning_and_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(policy.CALIBRATION_DIR_ENV, str(tmp_path))
+    measure = Measure()
+    monkeypatch.setattr(policy, "verification_seconds", measure)
+    verifier = make_verifier()
+    expected = policy.verifier_calibration(verifier)
+    [path] = saved_files(tmp_path)
+    good = json.loads(path.read_text())
+    for what, content in _corrupt(path, good).items():
+        path.write_bytes(content)
+        monkeypatch.setattr(policy, "_VERIFY", type(policy._VERIFY)())  # a new process
+        calls = measure.calls
+        with pytest.warns(UserWarning, match=f"ignoring the calibration file {path}"):
+            assert policy.verifier_calibration(verifier) == expected, what
+        assert measure.calls == calls + 1, f"{what}: not measured again"
+        assert json.loads(path.read_text()) == good, f"{what}: not replaced by the new measurement"
+    assert saved_files(tmp_path) == [path]  # no temporary files left behind
+    # a folder in the file's place: measured, and the failure to save is a warning too
+    path.unlink()
+    path.mkdir()
+    monkeypatch.setattr(policy, "_VERIFY", type(policy._VERIFY)())
+    with pytest.warns(UserWarning) as caught:
+        assert policy.verifier_calibration(verifier) == expected
+    messages = " ".join(str(w.message) for w in caught)
+    assert "not a regular file" in messages and "could not save the calibration" in messages
+
+
+# -- frozen "auto" -----------------------------------------------------------------------------------------------
+def test_frozen_auto_reads_only_the_saved_costs_and_learns_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(policy.CALIBRATION_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(policy, "verification_seconds", lambda *args, **kwargs: dict(CPU))
+    verifier = make_verifier()
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    learning = policy.adaptive_drafting(verifier, draft)
+    learning.observe(Round(started=0.0, steps=4, draft_seconds=0.02, emitted=4.0, expected=2.0), ended=0.05)
+    monkeypatch.setenv(policy.FROZEN_ENV, "1")
+    frozen = policy.adaptive_drafting(verifier, draft)
+    assert frozen.frozen and not frozen.timed and frozen.costs is not learning.costs  # not what was learned
+    before = frozen.threshold()
+    assert before == pytest.approx((1 / 0.010) * (0.1 * 0.010 + 0.0005))  # a fresh policy's: rate 1/pass, step 0.1
+    for _ in range(5):
+        frozen.observe(Round(started=0.0, steps=4, draft_seconds=0.2, emitted=5.0, expected=1.0), ended=0.3)
+    assert frozen.threshold() == before and frozen.spec() == policy.adaptive_drafting(verifier, draft).spec()
+    monkeypatch.setenv(policy.FROZEN_ENV, "0")
+    assert not policy.adaptive_drafting(verifier, draft).frozen
+    monkeypatch.setenv(policy.FROZEN_ENV, "sometimes")
+    with pytest.raises(ValueError, match="SPECULATORS_HF_AUTO_FROZEN='sometimes'"):
+        policy.adaptive_drafting(verifier, draft)

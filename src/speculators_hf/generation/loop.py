@@ -31,7 +31,7 @@ from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
 from .policy import Round, drafting_for, sync
 from .sampling import Sampler
-from .settings import eos_token_ids, prepare_config, row_decodings
+from .settings import _call, eos_token_ids, prepare_config, row_decodings
 from .stats import GenerationStats
 from .tree import build_tree
 
@@ -58,13 +58,59 @@ def _check_verifier(verifier: Any) -> None:
         )
 
 
+class InputError(ValueError, RuntimeError, IndexError):
+    """`input_ids` / `attention_mask` that `generate` refuses. A ValueError; also a RuntimeError and an IndexError,
+    the types `verifier.generate` raises (from inside torch) for such inputs, so that code catching those still
+    catches it."""
+
+
+def check_inputs(verifier: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raise `InputError` for what `verifier.generate` cannot generate from: ids that are not [batch, length]
+    (length >= 1) integer token ids of the verifier's vocabulary, or a mask that is not a 0/1 tensor of the ids'
+    shape with at least one token per row. (`verifier.generate` fails inside torch on most of these; on a mask
+    longer than the ids, one with other values than 0/1 or an all-padding row it returns tokens that depend on
+    those values or on the attention kernel.)"""
+    shape = list(input_ids.shape)
+    if input_ids.dim() != 2:
+        hint = "; for one prompt, pass input_ids[None]" if input_ids.dim() == 1 else ""
+        raise InputError(f"input_ids must be 2-D [batch, length], as for verifier.generate; got shape {shape}{hint}")
+    if input_ids.dtype not in (torch.long, torch.int):
+        raise InputError(f"input_ids must hold token ids (torch.long or torch.int), got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise InputError(f"input_ids is empty (shape {shape}): every prompt needs at least one token")
+    vocab = verifier.get_input_embeddings().weight.shape[0]
+    outside = (input_ids < 0) | (input_ids >= vocab)
+    if outside.any():
+        row, col = outside.nonzero()[0].tolist()
+        raise InputError(
+            f"input_ids[{row}, {col}] = {input_ids[row, col].item()} is not a token id of the verifier, whose "
+            f"vocabulary has {vocab} ids (0 to {vocab - 1}); were the ids made by the verifier's tokenizer?"
+        )
+    if attention_mask is None:
+        return
+    if list(attention_mask.shape) != shape:
+        raise InputError(
+            f"attention_mask has shape {list(attention_mask.shape)} but input_ids has shape {shape}; they must "
+            "match (one 0/1 entry per token)"
+        )
+    not_binary = (attention_mask != 0) & (attention_mask != 1)
+    if not_binary.any():
+        row, col = not_binary.nonzero()[0].tolist()
+        raise InputError(
+            f"attention_mask[{row}, {col}] = {attention_mask[row, col].item()}: the mask must hold 1 for a token "
+            "and 0 for padding"
+        )
+    empty = (attention_mask == 0).all(dim=1).nonzero().squeeze(1).tolist()
+    if empty:
+        raise InputError(
+            f"attention_mask is all zeros in row(s) {empty}: every prompt needs at least one token (drop those "
+            "rows; verifier.generate's output for them depends on the attention kernel)"
+        )
+
+
 def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows re-packed to left padding (any padding pattern is accepted)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if (valid.sum(1) == 0).any():
-        raise ValueError("every row of input_ids needs at least one token (attention_mask is all zeros somewhere)")
     order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
     return input_ids.gather(1, order), valid.gather(1, order)
 
@@ -84,25 +130,38 @@ def generate(
 ) -> torch.Tensor | SpeculativeOutput:
     """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
 
-    `input_ids` [B, n] (any padding, given by `attention_mask`). `tree`: a `TreeSpec`, "chain[:depth[:stop_below]]",
+    `input_ids` [B, n] (any padding, given by a 0/1 `attention_mask` of the same shape; anything else is an
+    `InputError`, see `check_inputs`). `tree`: a `TreeSpec`, "chain[:depth[:stop_below]]",
     "dynamic[:depth[:top_k[:total_tokens[:beam]]]]", a list of rank paths (static tree), "auto[:max_depth]"
     (each round's draft chosen for speed on this device, see `speculators_hf.generation.policy`), or None
-    for a chain of the draft's `speculative_tokens`. Generation settings (`generation_config` and/or keyword
+    for the length the settings ask for (`num_assistant_tokens`, else the draft's `speculative_tokens`: see
+    `policy.draft_length`). Generation settings (`generation_config` and/or keyword
     arguments, defaulting to the verifier's generation config) are applied exactly as `verifier.generate`
     applies them, or refused with an error naming them (see `speculators_hf.generation.settings`). Each row
     is generated as the verifier generates its prompt alone: greedy output equals it token for token, sampled
     output follows its distribution. The draft never drafts past the tokens a row may still emit.
-    Returns the sequences [B * num_return_sequences, n + new] (the prompt as given, then the new tokens,
-    padded with the pad id), or a `SpeculativeOutput` with per-row stats. `draft.generation_stats` holds the
-    summed stats."""
+    Returns the sequences [B * num_return_sequences, n + new] (torch.long: the prompt as given, then the new
+    tokens, padded as transformers pads: with pad_token_id, else the first eos id), or a `SpeculativeOutput`
+    with per-row stats. `draft.generation_stats` holds the summed stats."""
     config, default_max_length, default_min_length = prepare_config(verifier, generation_config, kwargs)
     _check_verifier(verifier)
+    check_inputs(verifier, input_ids, attention_mask)
     if getattr(draft, "verifier", None) is not verifier:
         draft.bind_verifier(verifier)
     tap = draft._binding["tap"]
     device = verifier.device
-    original_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    ids, valid = _left_pad(original_ids.to(device), None if attention_mask is None else attention_mask.to(device))
+    # the special tokens as transformers resolves them, with its warnings (the pad id: pad_token_id, else the first
+    # eos id); `generation_config` gets their tensor forms, as in transformers' generate()
+    _call(
+        verifier._prepare_special_tokens,
+        generation_config=config,
+        kwargs_has_attention_mask=attention_mask is not None,
+        device=device,
+        batch_size=input_ids.shape[0],
+    )
+    pad = 0 if config._pad_token_tensor is None else int(config._pad_token_tensor)
+    original_ids = input_ids.long()  # what is returned starts with the prompt as a torch.long tensor (as transformers)
+    ids, valid = _left_pad(input_ids.to(device), None if attention_mask is None else attention_mask.to(device))
     copies = int(config.num_return_sequences or 1)
     if copies > 1:  # several samples per prompt, each prompt's copies next to each other (as transformers)
         original_ids, ids, valid = (t.repeat_interleave(copies, dim=0) for t in (original_ids, ids, valid))
@@ -111,11 +170,10 @@ def generate(
     decodings = row_decodings(verifier, config, prompts, default_max_length, default_min_length)
     max_new = [d.max_new_tokens for d in decodings]
     eos = eos_token_ids(config)
-    pad = config.pad_token_id if config.pad_token_id is not None else (min(eos) if eos else 0)
     sampler = Sampler(bool(config.do_sample), generator, [d.processors for d in decodings])
     dtype = verifier.dtype
     # before the tap is armed: an adaptive policy's calibration passes are not this generation's
-    drafting = drafting_for(verifier, draft, tree, batch_size=batch)
+    drafting = drafting_for(verifier, draft, tree, batch, generation_config, kwargs)
     last_round: Round | None = None  # what the policy observes once it is over
 
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -246,9 +304,9 @@ def generate(
             tap.disarm()
 
     longest = max((len(t) for t in new_tokens), default=0)
-    generated = torch.full((batch, longest), pad, dtype=original_ids.dtype)
+    generated = torch.full((batch, longest), pad, dtype=torch.long)
     for row, tokens in enumerate(new_tokens):
-        generated[row, : len(tokens)] = torch.tensor(tokens, dtype=original_ids.dtype)
+        generated[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     sequences = torch.cat([original_ids, generated.to(original_ids.device)], dim=1)
     total = GenerationStats()
     for s in row_stats:

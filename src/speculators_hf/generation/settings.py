@@ -13,8 +13,11 @@ transformers applies it, or refused up front with an error that names it.
 - Stopping: eos (every id of `eos_token_id`), `max_new_tokens` / `max_length` (each row as if alone,
   including transformers' default of 20 new tokens clipped to `max_position_embeddings`);
   `num_return_sequences` with sampling repeats each prompt, as transformers does.
-- Settings that cannot change the tokens (caching, compilation, the knobs of transformers' own assisted
-  loop, beam-search knobs while `num_beams` is 1) are accepted and have no effect.
+- transformers' settings for an assistant model set the draft length (`policy.draft_length`):
+  `num_assistant_tokens` (a length, or "auto") where the call names no `tree`; the others are refused or
+  have no effect, by name.
+- Settings that cannot change the tokens (caching, compilation, beam-search knobs while `num_beams` is 1)
+  are accepted and have no effect.
 - Anything else (beam search, guidance, watermarking, stop strings, a time limit, extra outputs, custom
   processors or stopping criteria, ...) is refused unless it is at its neutral value.
 
@@ -71,6 +74,15 @@ LOOP_SETTINGS = (
     "num_return_sequences",
     "return_dict_in_generate",
 )
+# transformers' settings for an assistant model (GenerationConfig, "assistant generation"): they set the draft
+# length, are refused, or have no effect, as `policy.draft_length` says for both loops.
+ASSISTANT_SETTINGS = (
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+    "assistant_lookbehind",
+    "target_lookbehind",
+)
 # Accepted and without effect on the generated tokens (the reason is part of the documentation).
 NO_EFFECT_SETTINGS = {
     "use_cache": "the loop always keeps its own KV caches",
@@ -82,11 +94,6 @@ NO_EFFECT_SETTINGS = {
     "prefill_chunk_size": "chunking the prefill does not change the tokens",
     "low_memory": "a memory/speed trade-off of transformers' own loops",
     "continuous_batching_config": "used by transformers' continuous batching only",
-    "num_assistant_tokens": "configures transformers' assisted loop; this loop drafts the `tree` it is given",
-    "num_assistant_tokens_schedule": "configures transformers' assisted loop",
-    "assistant_confidence_threshold": "configures transformers' assisted loop",
-    "assistant_lookbehind": "configures transformers' assisted loop",
-    "target_lookbehind": "configures transformers' assisted loop",
     "is_assistant": "set by transformers on a draft's own config",
     "decoder_start_token_id": "encoder-decoder models only",
     "early_stopping": "a beam-search setting: no effect with num_beams=1, as in transformers",
@@ -195,7 +202,7 @@ def check_settings(config: GenerationConfig) -> None:
     neutral = neutral_settings()
     values = config.to_dict()
     problems = []
-    allowed = {*PROCESSOR_SETTINGS, *LOOP_SETTINGS, *NO_EFFECT_SETTINGS}
+    allowed = {*PROCESSOR_SETTINGS, *LOOP_SETTINGS, *NO_EFFECT_SETTINGS, *ASSISTANT_SETTINGS}
     for name, value in sorted(values.items()):
         if name in allowed or not _is_set(name, value, neutral.get(name)):
             continue
@@ -270,7 +277,7 @@ def row_decodings(
     `generate()` would use for that prompt alone."""
     config = copy.deepcopy(config)
     device = prompts[0].device
-    _call(verifier._prepare_special_tokens, generation_config=config, kwargs_has_attention_mask=False, device=device)
+    _call(verifier._prepare_special_tokens, generation_config=config, kwargs_has_attention_mask=None, device=device)
     rows = []
     for prompt in prompts:
         row_config = copy.deepcopy(config)

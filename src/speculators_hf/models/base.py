@@ -35,9 +35,10 @@ from transformers.utils import ModelOutput
 from ..config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from ..generation.capture import VerifierBindingError, VerifierTap
 from ..generation.kvcache import OUTPUT_CACHE_FIELD, DraftTreeState, MaskedCache
-from ..generation.policy import AdaptiveDrafting, adaptive_drafting, auto_depth
+from ..generation.policy import AdaptiveDrafting, adaptive_drafting, draft_length
 from ..generation.sampling import Sampler
 from ..generation.session import DraftSession
+from ..generation.settings import ASSISTANT_SETTINGS
 from ..generation.stats import GenerationStats
 from ..remote_code import write_remote_code
 from .checkpoint import (
@@ -282,22 +283,31 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         def generate(*args: Any, **kwargs: Any) -> Any:
             if kwargs.get("assistant_model") is not self:
                 return original_generate(*args, **kwargs)
-            # transformers reads the draft length from the draft's generation config; a per-call
-            # `num_assistant_tokens` overrides the config's for this call only. "auto[:max]" (or no override
-            # and `config.adaptive_drafting`): the chain length is chosen round by round (`generation.policy`).
-            length = kwargs.get("num_assistant_tokens") or (
-                "auto" if self.config.adaptive_drafting else self.config.speculative_tokens
-            )
+            # transformers reads the draft length from the draft's generation config only; `draft_length` also
+            # reads the call's and the verifier's settings (in transformers' order), and they are put where
+            # transformers reads them for this call. "auto[:max]": the chain length is chosen round by round
+            # (`generation.policy`) up to its maximum, which transformers is given as the length.
+            length = draft_length(self, verifier, kwargs.get("generation_config"), kwargs)
+            for name in ASSISTANT_SETTINGS:
+                kwargs.pop(name, None)
             self._policy = None
-            max_depth = auto_depth(length)
-            if max_depth is not None:  # calibrated (first call only) before the tap is armed
-                self._policy = adaptive_drafting(verifier, self, max_depth, trees=False)
-                length = kwargs["num_assistant_tokens"] = self._policy.max_depth
-            self.generation_config.num_assistant_tokens = length
+            tokens = length.tokens
+            if length.max_depth is not None:  # calibrated (first call only) before the tap is armed
+                self._policy = adaptive_drafting(verifier, self, length.max_depth, trees=False)
+                tokens = self._policy.max_depth
+            config = self.generation_config
+            saved = (config.num_assistant_tokens, config.num_assistant_tokens_schedule)
+            saved_threshold = config.assistant_confidence_threshold
+            # transformers runs the schedule; threshold 0: no confidence stop (refused above when set), which also
+            # spares transformers fitting one
+            config.num_assistant_tokens, config.num_assistant_tokens_schedule = tokens, length.schedule
+            config.assistant_confidence_threshold = 0.0
             self._last_stats = GenerationStats()
             tap.arm()
+            finished = False
             try:
                 output = original_generate(*args, **kwargs)
+                finished = True
                 prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
                 sequences = output if isinstance(output, torch.Tensor) else output.sequences
                 self._last_stats.verifier_forwards = tap.forwards  # exact counts from the final length
@@ -307,15 +317,21 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             finally:
                 tap.disarm()  # stop capturing once the generation is over
                 self._policy = None
-                self.generation_config.num_assistant_tokens = self.config.speculative_tokens
+                adapted = config.num_assistant_tokens
+                config.num_assistant_tokens, config.num_assistant_tokens_schedule = saved
+                config.assistant_confidence_threshold = saved_threshold
+                if finished and length.schedule == "heuristic":  # transformers keeps the adapted length, as documented
+                    config.num_assistant_tokens = adapted
 
         verifier.generate = generate
         self._binding = {"verifier": verifier, "tap": tap}
         if self.generation_config is None:
             self.generation_config = GenerationConfig()
-        self.generation_config.num_assistant_tokens = self.config.speculative_tokens
-        self.generation_config.num_assistant_tokens_schedule = "constant"  # "heuristic" would rewrite it
-        self.generation_config.assistant_confidence_threshold = None
+        # The draft's generation config is the user's (transformers' place for the draft length). Earlier versions
+        # wrote `speculative_tokens` into it here, and saved it: a value equal to it says nothing more, and would
+        # hide a later change of `speculative_tokens`.
+        if self.generation_config.num_assistant_tokens == self.config.speculative_tokens:
+            self.generation_config.num_assistant_tokens = None
         return self
 
     def unbind_verifier(self) -> None:
