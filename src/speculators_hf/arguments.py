@@ -28,6 +28,38 @@ def key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({err})") from None
 
 
+def config_override(text: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE` on a draft config: `key_value`, the value checked against the annotation of KEY in every
+    family that declares it (and `speculative_tokens`), and refused when none accepts it. Keys no family declares
+    are left to the command, which names the keys it can set."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import SpeculativeTokens, format_validation_error
+    from .models import FAMILIES
+
+    key, value = key_value(text)
+    problems: dict[str, list[str]] = {}  # what is wrong -> the drafts whose field says so
+    for model_class in FAMILIES.values():
+        schema = model_class.config_class.fields_schema()
+        if schema is None or key not in schema.model_fields:
+            continue
+        try:
+            schema.model_validate({key: value})
+            return key, value
+        except ValidationError as err:
+            problems.setdefault(format_validation_error(err).strip(), []).append(model_class.title)
+    if key == "speculative_tokens":
+        try:
+            return key, TypeAdapter(SpeculativeTokens, config={"strict": True}).validate_python(value)
+        except ValidationError as err:
+            problems[format_validation_error(err, key).strip()] = []
+    if problems:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: " + "; ".join(f"{p} (in {', '.join(t)} drafts)" if t else p for p, t in problems.items())
+        )
+    return key, value
+
+
 def positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:

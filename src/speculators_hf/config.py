@@ -266,7 +266,9 @@ class SpeculatorConfig(PretrainedConfig):
         if not self.speculators_model_type:
             self.speculators_model_type = self.family
         if self.speculators_config is None:
-            limit = self.max_speculative_tokens  # a family that proposes fewer than 5 tokens a round drafts them all
+            # a family that proposes fewer than 5 tokens a round drafts them all; the limit is computed from the
+            # family's fields, so only once they are valid (otherwise validate_speculator below names them)
+            limit = None if self._field_problems() else self.max_speculative_tokens
             self.speculators_config = default_speculators_config(
                 self.family or self.speculators_model_type, min(5, limit) if limit else 5
             )
@@ -292,7 +294,9 @@ class SpeculatorConfig(PretrainedConfig):
                     if name.startswith("_") or get_origin(hint) is ClassVar:
                         continue
                     fields[name] = (hint, getattr(cls, name, None))
-            config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+            # strict: validation checks the values without converting them, so "6" or "false" (which the config
+            # would keep as text, "false" being truthy) are refused rather than accepted
+            config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=True)
             schema = create_model(f"{cls.__name__}Fields", __config__=config, **fields) if fields else None
             cls._fields_schema = schema  # type: ignore[attr-defined]
         return cls.__dict__["_fields_schema"]
@@ -303,6 +307,19 @@ class SpeculatorConfig(PretrainedConfig):
         return []
 
     # -- validation --------------------------------------------------------------------------------
+    def _field_problems(self) -> list[str]:
+        """The family fields checked against their annotations (type and bounds): one entry, or none."""
+        schema = self.fields_schema()
+        if schema is None:
+            return []
+        values = {name: getattr(self, name) for name in schema.model_fields}
+        values = {k: (v.to_dict() if isinstance(v, PretrainedConfig) else v) for k, v in values.items()}
+        try:
+            schema.model_validate(values)
+        except ValidationError as err:
+            return [format_validation_error(err)]
+        return []
+
     def validate_speculator(self) -> None:
         """Validate the speculators block and the family fields; raise `SpeculatorConfigError`."""
         if self.family and self.speculators_model_type != self.family:
@@ -315,18 +332,12 @@ class SpeculatorConfig(PretrainedConfig):
             self.speculators_config = block.model_dump(mode="json", exclude_none=False)
         except ValidationError as err:
             problems.append(format_validation_error(err, "speculators_config"))
-        schema = self.fields_schema()
-        if schema is not None:
-            values = {name: getattr(self, name) for name in schema.model_fields}
-            values = {k: (v.to_dict() if isinstance(v, PretrainedConfig) else v) for k, v in values.items()}
-            try:
-                schema.model_validate(values)
-            except ValidationError as err:
-                problems.append(format_validation_error(err))
+        problems += self._field_problems()
         if not problems:
             problems += self.check_fields()
-        limit = self.max_speculative_tokens
-        if not problems and limit is not None and self.speculative_tokens > limit:
+        # derived properties (the limit, check_fields) compute with the fields: only once their types are right
+        limit = None if problems else self.max_speculative_tokens
+        if limit is not None and self.speculative_tokens > limit:
             problems.append(
                 f"  speculators_config.proposal_methods.speculative_tokens: {self.speculative_tokens} exceeds {limit}, "
                 f"the most a {self.family} draft proposes in a round ({self.speculative_tokens_limit}; vLLM refuses more)"

@@ -59,7 +59,14 @@ CASES = {
     "push: missing": (["push", "{missing}", "org/name"], 2, ["no such folder"]),
     "push: a file": (["push", "{file}", "org/name"], 2, ["is a file"]),
     "push: not a draft": (["push", "{empty}", "org/name"], 1, ["config.json"]),
-}
+    "convert: no SRC": (["convert"], 2, ["SRC and DST are required"]),
+    "convert: text for a number": (["convert", "{empty}", "{missing}", "--set", "block_size=abc"], 2,
+                                   ["--set", "block_size=abc", "block_size", "valid integer", "'abc'"]),
+    "convert: bad draft length": (["convert", "{empty}", "{missing}", "--set", "speculative_tokens=0"], 2,
+                                  ["speculative_tokens", "greater than 0"]),
+    "convert: missing source": (["convert", "{missing}", "{empty}"], 1, ["neither an existing folder"]),
+    "convert: not a draft": (["convert", "{verifier}", "{missing}"], 1, ["convert: error:"]),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,3 +95,15 @@ def test_results_of_a_good_run_still_go_to_stdout(capsys, tmp_path):
     capsys.readouterr()
     code, out, lines = run_cli(["inspect", str(tmp_path / "d"), "--json"], capsys)
     assert code == 0 and not any("error" in line for line in lines) and json.loads(out)["family"] == "eagle3"
+
+
+@pytest.mark.parametrize("case", ["convert: text for a number", "convert: missing source", "convert: not a draft"])
+def test_convert_errors_leave_stdout_empty(case, folders):
+    """convert, like every command, writes its error (and its notices) to stderr: nothing on stdout (a failure
+    after its first notices: tests/unit/test_convert.py::test_cli)."""
+    argv, expected_code, _ = CASES[case]
+    args = [sys.executable, "-m", "speculators_hf.cli", *(a.format(**folders) for a in argv)]
+    done = subprocess.run(args, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert done.returncode == expected_code and done.stdout == "", (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("speculators-hf convert: error: ") and "Traceback" not in done.stderr

@@ -274,7 +274,7 @@ def test_resume_restores_the_random_streams(setup, tmp_path, monkeypatch):
     [
         (dict(batch_size=4, learning_rate=2e-3), ["batch_size: 2 -> 4", "learning_rate: 0.001 -> 0.002"]),
         (dict(grad_accum=2, steps=8), ["grad_accum: 1 -> 2", "steps: 6 -> 8"]),
-        (dict(family="eagle"), ['draft.speculators_model_type: "eagle3" -> "eagle"']),
+        (dict(family="eagle"), ["family eagle3 -> eagle"]),
         (dict(data="other"), ["data.sha256: "]),
     ],
 )
@@ -290,6 +290,19 @@ def test_changed_settings_are_refused_naming_each_change(setup, tmp_path, change
         assert text in message, message
     assert "a new --output" in message and "--no-resume" in message
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing touched
+
+
+def test_another_family_is_named_in_one_sentence_not_as_every_field_that_differs(setup, tmp_path):
+    """Every draft field differs between two families: the message says the family changed and what to do, and
+    lists none of them."""
+    verifier, ids, mask, reference = setup
+    output = interrupted_copy(reference, tmp_path / "run")
+    with pytest.raises(trainer_module.ResumeError) as info:
+        run(verifier, ids, mask, output, family="eagle")
+    message = str(info.value)
+    assert "family eagle3 -> eagle" in message and f"{output} holds a run of family eagle3" in message
+    assert "new --output" in message and "delete" in message
+    assert "draft." not in message and len(message) < 400, message
 
 
 def test_settings_that_do_not_change_the_result_may_change(setup, tmp_path):

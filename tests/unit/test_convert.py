@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import speculators_hf as sh
 from speculators_hf.cli import main
+from speculators_hf.config import SpeculatorConfigError
 from speculators_hf.convert import ConversionError, convert, detect, known_checkpoints, load_spec
 from speculators_hf.generation.capture import verifier_hidden_states
 
@@ -521,6 +523,41 @@ def test_speculators_golden_written_by_the_speculators_library(tmp_path):
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
 
 
+@pytest.mark.parametrize(
+    "golden, field",
+    [
+        ("speculators-0.9.0-eagle3", "eagle_aux_hidden_state_layer_ids"),
+        ("speculators-0.9.0-peagle", "eagle_aux_hidden_state_layer_ids"),
+        ("speculators-0.9.0-dflash", "aux_hidden_state_layer_ids"),
+    ],
+)
+def test_aux_layer_ids_follow_one_rule_in_loading_and_converting(tmp_path, golden, field):
+    """Ids are output_hidden_states indices 0..L (L: the post-norm last state) for EAGLE-3, P-EAGLE and DFlash:
+    id L loads and converts, L + 1 is refused by both, with the same words; the export warns that vLLM's id L is
+    the state before the final norm."""
+    config = json.loads((GOLDEN / golden / "config.json").read_text())
+    config["speculators_config"]["verifier"].update(num_hidden_layers=6, name_or_path="org/verifier")
+    for ids in ([1, 4, 6], [1, 4, 7]):
+        source = tmp_path / f"{golden}-{ids[-1]}"
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps({**config, field: ids}))
+        shutil.copy(GOLDEN / golden / "model.safetensors", source / "model.safetensors")
+        if ids[-1] == 6:
+            assert getattr(sh.load_draft(source).config, field) == ids
+            messages: list[str] = []
+            out = convert(source, tmp_path / "out", to="speculators", log=messages.append)
+            assert getattr(sh.load_draft(out).config, field) == ids
+            assert any(m.startswith("warning: the draft reads verifier state 6") for m in messages)
+            shutil.rmtree(out)
+            continue
+        words = rf"{field}: \[1, 4, 7\] name hidden states a verifier of 6 layers does not have"
+        with pytest.raises(SpeculatorConfigError, match=words):
+            sh.load_draft(source)
+        with pytest.raises(ConversionError, match=words):
+            convert(source, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_export_needs_a_resolvable_verifier_reference(tmp_path, verifier):
     src = write_speculators(tmp_path / "src", verifier)
     config = json.loads((src / "config.json").read_text())
@@ -590,11 +627,14 @@ def test_cli(tmp_path, verifier_dir, capsys):
     src = write_research_eagle3(tmp_path / "src")
     assert main(["convert", str(src), str(tmp_path / "out"), "--verifier", str(verifier_dir), "--set",
                  "speculative_tokens=4"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "detected format: eagle3" in out and "wrote" in out
+    captured = capsys.readouterr()
+    assert "detected format: eagle3" in captured.err and "wrote" in captured.err and not captured.out
     assert sh.load_draft(tmp_path / "out").config.speculative_tokens == 4
-    assert main(["convert", str(src), str(tmp_path / "out2")]) == 2
-    assert "pass --verifier" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "out2")]) == 1  # a failure while running, as every command
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if "error:" in line]
+    assert not captured.out and len(error) == 1 and error[0].startswith("speculators-hf convert: error: ")
+    assert "pass --verifier" in error[0]
     assert main(["convert", "--list-known"]) == 0
     assert "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B" in capsys.readouterr().out
 

@@ -160,9 +160,81 @@ def test_zlab_layer_ids_may_name_the_last_state_but_not_beyond(tmp_path):
     speculators' converter drops it; L is outside a verifier of L layers."""
     out = convert(zlab_source(tmp_path / "last", target_layer_ids=[0, 2, 5]), tmp_path / "out")
     assert sh.load_draft(out).config.aux_hidden_state_layer_ids == [1, 3, 6]
-    with pytest.raises(ConversionError, match=r"aux layer ids \[1, 3, 7\] need hidden states the verifier's 6 layers"):
+    with pytest.raises(ConversionError, match=r"\[1, 3, 7\] name hidden states a verifier of 6 layers does not have"):
         convert(zlab_source(tmp_path / "beyond", target_layer_ids=[0, 2, 6]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def zlab_fc(states: dict[int, torch.Tensor], target_layer_ids: list[int], fc: torch.Tensor) -> torch.Tensor:
+    """z-lab's context projection: fc over hidden_states[i + 1] concatenated in target_layer_ids order
+    (dflash/model.py extract_context_feature)."""
+    return torch.cat([states[i + 1] for i in target_layer_ids], dim=-1) @ fc.T
+
+
+def test_zlab_layer_ids_out_of_order_reorder_the_fc_columns(tmp_path):
+    """z-lab concatenates the verifier states in target_layer_ids order, ours (as vLLM) in layer order: the ids are
+    sorted and fc.weight's column blocks reordered with them, so the draft computes the source's fc output."""
+    source = zlab_source(tmp_path / "zlab", target_layer_ids=[3, 0, 1])
+    messages: list[str] = []
+    draft = sh.load_draft(convert(source, tmp_path / "out", log=messages.append))
+    assert draft.config.aux_hidden_state_layer_ids == [1, 2, 4]
+    assert any(
+        "column blocks reordered from the listed verifier states [4, 1, 2] to layer order" in m for m in messages
+    )
+    fc = load_file(source / "model.safetensors")["fc.weight"].double()  # float64: no rounding differences
+    states = {i: torch.randn(5, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(7)}
+    want = zlab_fc(states, [3, 0, 1], fc)
+    ours = torch.cat([states[i] for i in draft.config.aux_layer_ids], dim=-1)  # the draft's order
+    with torch.no_grad():
+        got = draft.fc.double()(ours)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    kept = ours @ fc.T  # columns left as stored
+    assert (kept - want).abs().max() > 1e-2  # what the draft computed before the columns were reordered
+
+
+def test_a_zlab_draft_listing_its_layers_out_of_order_keeps_the_library_logits(tmp_path):
+    """The golden draft with its ids listed [4, 0, 2] and fc's column blocks stored in that order (what z-lab's
+    code needs to compute the same): the converted draft gives the library's logits."""
+    source = zlab_source(tmp_path / "zlab", target_layer_ids=[4, 0, 2])
+    tensors = load_file(source / "model.safetensors")
+    blocks = tensors["fc.weight"].chunk(3, dim=-1)  # for the states 1, 3, 5
+    tensors["fc.weight"] = torch.cat([blocks[2], blocks[0], blocks[1]], dim=-1).contiguous()
+    save_file(tensors, str(source / "model.safetensors"))
+    draft = sh.load_draft(convert(source, tmp_path / "out"))
+    assert draft.config.aux_hidden_state_layer_ids == [1, 3, 5]
+    got, want = block_logits(draft.bind_verifier(golden_verifier()))
+    torch.testing.assert_close(got[:, target_ids()], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "key, top, nested",
+    [("block_size", 7, 4), ("mask_token_id", 94, 95), ("target_layer_ids", [0, 2, 3], [0, 2, 4])],
+)
+def test_a_dflash_key_set_at_the_top_and_in_dflash_config_differently_is_refused(tmp_path, key, top, nested):
+    """z-lab's code reads dflash_config first, speculators' converter a top-level block_size: two different values
+    leave the draft's own unknown, so the error names both keys and both values."""
+    source = zlab_source(tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    config[key], config["dflash_config"][key] = top, nested
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError) as info:
+        convert(source, tmp_path / "out")
+    assert f"dflash_config.{key} = {nested!r} but the top-level {key} = {top!r}" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    config[key] = nested  # the same value in both places is no conflict
+    (source / "config.json").write_text(json.dumps(config))
+    assert sh.load_draft(convert(source, tmp_path / "same")).config.block_size == 4
+
+
+@pytest.mark.parametrize("key, value, field", [("mask_token_id", 90, "mask_token_id"), ("block_size", 5, "block_size")])
+def test_a_dflash_key_only_at_the_top_level_is_read_there(tmp_path, key, value, field):
+    source = zlab_source(tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    del config["dflash_config"][key]
+    config[key] = value
+    (source / "config.json").write_text(json.dumps(config))
+    draft = sh.load_draft(convert(source, tmp_path / "out"))
+    assert getattr(draft.config, field) == value and "mask_token_id" not in draft.config.transformer_layer_config
 
 
 # --------------------------------------------------------------------------------------------------

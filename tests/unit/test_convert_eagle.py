@@ -245,7 +245,7 @@ def test_vllm_export_and_round_trip(tmp_path, verifier, verifier_dir):
 def test_cli_and_wrong_export_target(tmp_path, verifier, verifier_dir, capsys):
     src = write_research_eagle(tmp_path / "src", verifier)
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vllm"]) == 0
-    assert "detected format: eagle" in capsys.readouterr().out
+    assert "detected format: eagle" in capsys.readouterr().err  # notices go to stderr, as train's
     with pytest.raises(ConversionError, match=r"cannot export a eagle draft to 'speculators'"):
         convert(src, tmp_path / "nope", to="speculators")
 

@@ -103,7 +103,7 @@ def test_cli_flags(trained, tmp_path, capsys):
     argv = ["convert", str(trained / "draft"), str(tmp_path / "out"), "--to", "vllm", "--verifier-id"]
     argv += ["org/tiny-verifier", "--dtype", "bfloat16", "--repo-id", "org/tiny-eagle3"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # notices go to stderr, as train's
     assert "verifier reference: org/tiny-verifier" in out and "cast from torch.float32 to torch.bfloat16" in out
     assert verifier_reference(tmp_path / "out") == "org/tiny-verifier"
     assert sh.load_draft(tmp_path / "out").dtype == torch.bfloat16

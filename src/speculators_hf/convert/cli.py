@@ -4,40 +4,44 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from ..arguments import key_value
+from ..arguments import config_override
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import ConversionError, convert, known_checkpoints
+    """Notices (what was detected, dropped, written; warnings) on stderr, as `train`'s: stdout holds only the
+    `--list-known` table. An error raises, for `cli.main` to print as every command's: one line on stderr, exit 1
+    (bad arguments: exit 2, from argparse)."""
+    from . import convert, known_checkpoints
 
     if args.list_known:
         for entry in known_checkpoints():
             print(f"{entry['repo']:70s} {entry['format']:15s} {entry['status']}")
         return 0
     if args.src is None or args.dst is None:
-        raise SystemExit("speculators-hf convert: SRC and DST are required (or --list-known)")
-    try:
-        convert(
-            args.src,
-            args.dst,
-            from_format=args.from_format,
-            verifier=args.verifier,
-            to=args.to,
-            overrides=dict(args.set or []),
-            overwrite=args.overwrite,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-            verifier_id=args.verifier_id,
-            dtype=args.dtype,
-            repo_id=args.repo_id,
-            log=print,
-        )
-    except ConversionError as err:
-        print(f"error: {err}")
-        return 2
+        args.usage_error("SRC and DST are required (or --list-known)")
+    convert(
+        args.src,
+        args.dst,
+        from_format=args.from_format,
+        verifier=args.verifier,
+        to=args.to,
+        overrides=dict(args.set or []),
+        overwrite=args.overwrite,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        verifier_id=args.verifier_id,
+        dtype=args.dtype,
+        repo_id=args.repo_id,
+        log=_say,
+    )
     return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def add_parsers(sub: Any) -> None:
@@ -96,12 +100,13 @@ def add_parsers(sub: Any) -> None:
     parser.add_argument(
         "--set",
         action="append",
-        type=key_value,
+        type=config_override,
         metavar="KEY=VALUE",
-        help="set a config field of the result, e.g. norm_before_residual=true or speculative_tokens=3 (repeatable)",
+        help="set a config field of the result, e.g. norm_before_residual=true or speculative_tokens=3 (repeatable; "
+        "the value is checked against the field's type)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--revision", help="Hub revision of SRC")
     parser.add_argument("--cache-dir", help="Hugging Face cache folder")
     parser.add_argument("--list-known", action="store_true", help="list the published checkpoints known per format")
-    parser.set_defaults(func=cmd_convert)
+    parser.set_defaults(func=cmd_convert, usage_error=parser.error)

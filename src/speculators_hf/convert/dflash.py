@@ -1,9 +1,11 @@
 """z-lab DFlash drafts (`DFlashDraftModel`, e.g. z-lab/Qwen3-8B-DFlash-b16) -> ours.
 
 The facts live in `specs/dflash_zlab.yaml`: config.json IS the draft layers' Qwen3 config (so it becomes
-`transformer_layer_config`, less the DFlash keys), `block_size` sits at its top level (older files) or in
-`dflash_config` (newer ones), `dflash_config.target_layer_ids` name the verifier's `hidden_states[i + 1]`
-(ours: i + 1), and the tensors are the draft body only (the embedding and lm_head are the verifier's: a
+`transformer_layer_config`, less the DFlash keys), the DFlash keys are read from `dflash_config` first, else from
+the top level (as z-lab's code; `block_size` sits at the top level in older files), and one set in both places
+with different values is refused; `dflash_config.target_layer_ids` name the verifier's `hidden_states[i + 1]`
+(ours: i + 1), concatenated in their listed order where ours are in layer order (so `fc.weight`'s column blocks
+are reordered with the ids), and the tensors are the draft body only (the embedding and lm_head are the verifier's: a
 full-size draft vocabulary). The rest is the shared assembly (`eagle3.finish`). The `speculators` 0.9 DFlash
 format (`specs/speculators_dflash.yaml`) is read and written by `speculators.py`.
 """

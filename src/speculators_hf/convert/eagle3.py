@@ -8,7 +8,8 @@ read) live in `specs/eagle3.yaml`; this module only applies them:
    spec's family (transformer_layer_config + flat fields + aux layer ids).
 2. `finish`: the tensors renamed (repeated `layers.{i}` expanded over the draft's layers), overrides
    (`--set`), the verifier (fingerprint filled from `--verifier`, vocab / hidden size / layer count
-   checked), the aux layer ids (default 2, L//2, L-3 of the verifier, made distinct), tensor shapes and
+   checked), the aux layer ids (default 2, L//2, L-3 of the verifier, made distinct; checked by the rule
+   loading applies; fc's column blocks put in layer order for a source that lists them otherwise), tensor shapes and
    dtypes (errors name the tensor and both shapes), the draft vocabulary mapping (`d2t` kept exactly
    when the draft vocabulary is smaller; a full-size one's lm_head dropped where the spec says the
    draft uses the verifier's), the embedding (the verifier's when the source has none and the format
@@ -25,7 +26,7 @@ import torch
 from ..config import SpeculatorConfigError
 from ..models import FAMILIES
 from ..models.draft_vocab import vocab_map_problems
-from ..models.eagle3 import Eagle3Speculator, default_aux_layer_ids
+from ..models.eagle3 import Eagle3Speculator, aux_layer_problems, default_aux_layer_ids
 from . import output
 from .errors import ConversionError
 from .expressions import evaluate, map_fields, source_environment
@@ -87,6 +88,8 @@ def config_from_spec(source: Source, spec: FormatSpec, overrides: Collection[str
 # the shared assembly
 # --------------------------------------------------------------------------------------------------
 def resolve_aux_layers(config: Any, spec: FormatSpec, label: str, log: Any) -> None:
+    """The aux layer ids, by the rule loading applies (`aux_layer_problems`: distinct, 0..L, L the post-norm last
+    state), or the verifier's default; stored ascending, the order the draft concatenates the states in."""
     field = aux_field(config)
     layers = config.verifier.get("num_hidden_layers")
     ids = getattr(config, field)
@@ -99,14 +102,32 @@ def resolve_aux_layers(config: Any, spec: FormatSpec, label: str, log: Any) -> N
             )
         ids = default_aux_layer_ids(layers)
         log(f"aux layers: verifier hidden_states {ids} (default 2, L//2, L-3 of L={layers}, made distinct)")
-    if len(set(ids)) != len(ids) or min(ids) < 0:
-        raise ConversionError(f"{label}: aux layer ids {ids} must be distinct and non-negative")
-    final = spec.aux_layers is not None and spec.aux_layers.final_state  # id L: the post-norm last state
-    if layers is not None and max(ids) > layers - 1 + final:
-        raise ConversionError(
-            f"{label}: aux layer ids {ids} need hidden states the verifier's {layers} layers do not have"
-        )
+    problems = aux_layer_problems(field, ids, layers)
+    if problems:
+        raise ConversionError(f"{label}: " + "; ".join(line.strip() for line in problems))
     setattr(config, field, sorted(ids))
+
+
+FEATURE_TENSORS = ("fc.weight", "mask_hidden")  # [..., n_aux * feature_size]: one block per verifier state read
+
+
+def reorder_features(
+    tensors: dict[str, torch.Tensor], listed: list[int], width: int, origin: Mapping[str, str], log: Any
+) -> None:
+    """For a source that concatenates the verifier states in its listed order (`aux_layers.order: listed`), put
+    the `width`-wide blocks of the tensors that read them in ascending layer order, the draft's, so that the
+    draft computes exactly what the source did."""
+    order = sorted(range(len(listed)), key=listed.__getitem__)
+    if order == list(range(len(listed))):
+        return
+    for name in FEATURE_TENSORS:
+        if name in tensors:
+            blocks = tensors[name].split(width, dim=-1)
+            tensors[name] = torch.cat([blocks[i] for i in order], dim=-1)
+            log(
+                f"{origin.get(name, name)}: column blocks reordered from the listed verifier states {listed} to "
+                f"layer order {sorted(listed)}, the order the draft concatenates them in"
+            )
 
 
 def shape_environment(config: Any) -> dict[str, Any]:
@@ -115,6 +136,9 @@ def shape_environment(config: Any) -> dict[str, Any]:
         env["head_dim"] = env["hidden_size"] // env["num_attention_heads"]
     if env.get("num_key_value_heads") is None:
         env["num_key_value_heads"] = env["num_attention_heads"]
+    schema = type(config).fields_schema()
+    flat = {name: getattr(config, name) for name in (schema.model_fields if schema else ())}
+    env.update({name: value for name, value in flat.items() if isinstance(value, int)})  # e.g. DSpark's markov_rank
     env.update(
         draft_vocab_size=config.draft_vocab_size,
         target_hidden_size=config.feature_size,
@@ -228,6 +252,7 @@ def finish(
     layer = config.transformer_layer_config
     model_class = FAMILIES[config.family]
     bind_reference(config, ctx, label, layer.vocab_size, config.feature_size, f"{model_class.title} draft")
+    listed = getattr(config, aux_field(config))
     resolve_aux_layers(config, spec, label, ctx.log)
     if aux_from_source is not None and spec.aux_layers is not None and spec.aux_layers.offset:
         ctx.log(
@@ -235,6 +260,8 @@ def finish(
             f"{getattr(config, aux_field(config))} ({spec.aux_layers.why})"
         )
     dtype = check_tensors(tensors, origin, layout, shape_environment(config), label)
+    if listed is not None and spec.aux_layers is not None and spec.aux_layers.order == "listed":
+        reorder_features(tensors, listed, config.feature_size, origin, ctx.log)
     vocab = spec.vocab
     map_vocab(
         config,

@@ -89,15 +89,40 @@ def resolve_value(value: Any, env: Mapping[str, Any], where: str) -> Any:
     return value
 
 
+def section_first(sections: Mapping[str, Collection[str]], config: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """A deep, plain copy of `config` where each key `sections` names for a section (`{dflash_config: [block_size,
+    ...]}`) sits in that section: the original code reads it there first, else at the top level. A key set in both
+    places with different values (any key of the section, named or not) is an error naming both."""
+    env: dict[str, Any] = json.loads(json.dumps(dict(config)))
+    for section, keys in sections.items():
+        nested = env.get(section)
+        nested = nested if isinstance(nested, dict) else {}
+        conflicts = [
+            f"{section}.{key} = {nested[key]!r} but the top-level {key} = {env[key]!r}"
+            for key in nested
+            if key in env and env[key] != nested[key]
+        ]
+        if conflicts:
+            raise ConversionError(
+                f"{label}: config.json sets {'; '.join(conflicts)}. The original code reads {section} first, other "
+                f"converters the top level, so which value the draft was made with is unclear: remove one of the two "
+                "keys, or make them equal"
+            )
+        moved = {key: env.pop(key) for key in keys if key in env}
+        if moved or section in env:
+            env[section] = {**moved, **nested}
+    return env
+
+
 def source_environment(
     spec: ConfigSpec, config: Mapping[str, Any], label: str, provided: Collection[str] = ()
 ) -> dict[str, Any]:
-    """The source config with `spec.defaults` filled in for absent keys, checked against `required`
-    (unless `provided` by the caller, e.g. `--set`) and `accept`."""
+    """The source config with `spec.section_first` keys moved into their section and `spec.defaults` filled in for
+    absent keys, checked against `required` (unless `provided` by the caller, e.g. `--set`) and `accept`."""
+    env = section_first(spec.section_first, config, label)  # a deep, plain copy
     for key, why in spec.required.items():
-        if get_path(config, key) is MISSING and key not in provided:
+        if get_path(env, key) is MISSING and key not in provided:
             raise ConversionError(f"{label}: config.json has no {key!r}. {why}")
-    env: dict[str, Any] = json.loads(json.dumps(dict(config)))  # a deep, plain copy
     for key, default in spec.defaults.items():
         # absent, or null where the original code then falls back to its default (as HF configs do)
         current = get_path(env, key)

@@ -84,6 +84,9 @@ class ConfigSpec(BaseModel):
     layer_from_source_except: list[str] | None = None
     fields: dict[str, Any] = Field(default_factory=dict)  # -> our flat family fields
     required: dict[str, str] = Field(default_factory=dict)  # key -> why it must be present in the source
+    # section -> keys the original code reads from that section first, else from the top level (z-lab's
+    # `dflash_config`): they are read as `section.key`; any key set in both places with different values is an error
+    section_first: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class AuxLayerSpec(BaseModel):
@@ -96,7 +99,9 @@ class AuxLayerSpec(BaseModel):
     source: str | None = None
     offset: int = 0
     default: Literal["verifier"] = "verifier"
-    final_state: bool = False  # id L (the verifier's post-norm last hidden state, HF hidden_states[L]) allowed
+    # how the source concatenates the states fc reads: in layer order (ours, vLLM's: the default) or in the order
+    # `source` lists them (z-lab), whose fc.weight column blocks are then reordered with the ids
+    order: Literal["layers", "listed"] = "layers"
     why: str = ""
 
 
@@ -120,6 +125,8 @@ class ExportSpec(BaseModel):
     legacy_rope_keys: bool = False
     drop_config_keys: list[str] = Field(default_factory=list)
     drop_files: list[str] = Field(default_factory=list)
+    # config values the export writes although a reader of this format does not serve them: a warning says why
+    warn: dict[str, AcceptRule] = Field(default_factory=dict)
     notes: str = ""
 
 

@@ -1,6 +1,6 @@
 """The `speculators` 0.9 format: import (validate + rewrite as ours) and export (`--to speculators`), for the
-EAGLE-3, P-EAGLE and DFlash families (`specs/speculators.yaml`, `speculators_peagle.yaml`,
-`speculators_dflash.yaml`).
+EAGLE-3, P-EAGLE, DFlash and DSpark families (`specs/speculators.yaml`, `speculators_peagle.yaml`,
+`speculators_dflash.yaml`, `speculators_dspark.yaml`).
 
 Import: our config loader already reads `speculators` 0.9 config.json files (no top-level model_type),
 so importing checks what the family's spec requires (fields whose defaults differ between readers, or
@@ -64,6 +64,9 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
         raise ConversionError(
             f"export to {spec.name}: model_type {config.get('model_type')!r} is not one of {rules.model_type_allowed}"
         )
+    for key, rule in rules.warn.items():
+        if get_path(config, key) in rule.values:
+            ctx.log(f"warning: {key} is {get_path(config, key)!r}: {rule.why}")
     name = config["speculators_config"]["verifier"]["name_or_path"]
     if not name or (looks_like_local_path(name) and not Path(name).exists()):
         raise ConversionError(
@@ -78,6 +81,14 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
             "(`vllm serve DRAFT`) loads the verifier from exactly that path on the serving machine (a relative "
             "path from its working directory), and `speculators-hf push` refuses it. Pass --verifier-id ORG/NAME "
             "(verifier_id= in Python) to write the verifier's Hub id instead."
+        )
+    layers = model.config.verifier.get("num_hidden_layers")
+    if layers is not None and layers in model.config.aux_layer_ids:
+        ctx.log(
+            f"warning: the draft reads verifier state {layers} (an aux layer id equal to the verifier's layer count): "
+            "here, as transformers' hidden_states[L], the last layer's output after the final norm; vLLM's id L is "
+            "that output before the norm, so vLLM's proposals differ from this package's (the output stays exact, "
+            "acceptance may drop)"
         )
     if rules.legacy_rope_keys:
         layer = config["transformer_layer_config"]

@@ -1,7 +1,8 @@
 """EAGLE-3 draft (Li et al., 2025), field for field in the `speculators`/vLLM format.
 
 One decoder layer whose attention reads [input_layernorm(embed(token)), hidden_norm(h)] (width 2H).
-In the first step h = fc(concat of verifier hidden_states[i] for the aux layer ids, ascending); in
+In the first step h = fc(concat of verifier hidden_states[i] for the aux layer ids, ascending whatever the
+listed order, as vLLM; `aux_layer_problems` says what an id means); in
 later steps h is the draft's own output (pre-norm, or post-norm with `norm_output`). Logits are
 lm_head(norm(h)) over a reduced draft vocabulary; draft id d means verifier id d + d2t[d].
 
@@ -55,8 +56,26 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
     return sorted({0, round((num_layers - 1) / 2), num_layers - 1})
 
 
+def aux_layer_problems(field: str, ids: list[int] | None, verifier_layers: int | None) -> list[str]:
+    """`check_fields` lines of the verifier hidden states a draft reads (EAGLE-3, P-EAGLE, DFlash; the converter
+    applies the same rule). Id i is transformers' `output_hidden_states[i]`: 0 the embeddings, i the output of
+    layer i - 1, and L, for a verifier of L layers, the last layer's output AFTER the final norm (vLLM's id L is
+    the same output before that norm). So the ids are distinct and in 0..L (`verifier_layers`, when known)."""
+    if ids is None:
+        return []
+    if not ids or len(set(ids)) != len(ids):
+        return [f"  {field}: must be distinct ids, got {ids} (duplicates crash vLLM)"]
+    if verifier_layers is not None and max(ids) > verifier_layers:
+        return [
+            f"  {field}: {ids} name hidden states a verifier of {verifier_layers} layers does not have (ids are "
+            f"output_hidden_states indices 0..{verifier_layers}; {verifier_layers} is the post-norm last state)"
+        ]
+    return []
+
+
 def resolve_aux_layer_ids(config: SpeculatorConfig, field: str) -> list[int]:
-    """The verifier hidden states a config's `field` names (ascending; vLLM gathers them in layer order too), or
+    """The verifier hidden states a config's `field` names, ascending whatever the listed order: the draft
+    concatenates them in layer order, as vLLM gathers them (`aux_layer_problems` says what an id means), or
     `default_aux_layer_ids` of the verifier's layer count when it is unset."""
     ids = getattr(config, field)
     if ids is None:
@@ -102,12 +121,8 @@ class Eagle3SpeculatorConfig(SpeculatorConfig):
         super().__post_init__(**kwargs)
 
     def check_fields(self) -> list[str]:
-        problems = []
-        ids = self.eagle_aux_hidden_state_layer_ids
-        if ids is not None and (not ids or len(set(ids)) != len(ids)):
-            problems.append(
-                f"  eagle_aux_hidden_state_layer_ids: must be distinct ids, got {ids} (duplicates crash vLLM)"
-            )
+        field, layers = "eagle_aux_hidden_state_layer_ids", self.verifier.get("num_hidden_layers")
+        problems = aux_layer_problems(field, self.eagle_aux_hidden_state_layer_ids, layers)
         if self.norm_before_fc and self.fc_norm:
             problems.append("  norm_before_fc: norm_before_fc and fc_norm are mutually exclusive")
         layer = self.transformer_layer_config

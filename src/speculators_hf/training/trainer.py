@@ -83,6 +83,7 @@ FREE_ON_RESUME = frozenset(
 _DRAFT_KEYS_IGNORED = frozenset(
     {"_name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
 )
+FAMILY_KEY = "draft.speculators_model_type"  # in the run fingerprint (`_run_fingerprint`)
 _SHARDED = frozenset({"DEEPSPEED", "FSDP", "MEGATRON_LM"})  # accelerate DistributedType values
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -672,6 +673,15 @@ def _read_state(path: Path, step: int) -> _SavedState:
 
 
 def _check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose settings differ: another draft family in one sentence (then every draft field
+    differs), other changes one line each, long values cut."""
+    family = [run.get(FAMILY_KEY) for run in (saved, current)]
+    if family[0] != family[1]:
+        raise ResumeError(
+            f"cannot resume from {path}: family {family[0]} -> {family[1]}. The output folder {path.parent.parent} "
+            f"holds a run of family {family[0]}: write the {family[1]} run to a new --output, or delete that folder "
+            "(or start over in it with --no-resume, which deletes its checkpoints)."
+        )
     absent = object()
     changes = [
         f"{key}: {_shown(saved.get(key, absent))} -> {_shown(current.get(key, absent))}"
@@ -687,11 +697,11 @@ def _check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) 
         )
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, limit: int = 80) -> str:
     if not isinstance(value, (str, int, float, bool, list, dict, type(None))):
         return "(absent)"
     text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _verify_files(path: Path, state: _SavedState, names: list[str]) -> None:
