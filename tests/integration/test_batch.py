@@ -37,6 +37,7 @@ DRAFTS = {
 PARALLEL_DRAFTS = {
     "peagle": lambda v: sh.PEagleSpeculator.from_verifier(v, draft_vocab_size=64),
     "dflash": lambda v: sh.DFlashSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6),
+    "dspark": lambda v: sh.DSparkSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6, markov_rank=16),
 }
 ALL_DRAFTS = {**DRAFTS, **PARALLEL_DRAFTS}
 

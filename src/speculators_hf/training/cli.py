@@ -239,7 +239,7 @@ def add_parsers(sub: Any) -> None:
         type=key_value,
         metavar="KEY=VALUE",
         help="an argument of a new draft's `from_verifier` (repeatable), e.g. mask_token_id=0 (P-EAGLE, DFlash), "
-        "block_size=8 or num_layers=2 (DFlash), medusa_num_heads=4 (Medusa)",
+        "block_size=8 or num_layers=2 (DFlash, DSpark), markov_head_type=gated (DSpark), medusa_num_heads=4 (Medusa)",
     )
     tr.add_argument("--features", type=existing_dir, help="feature cache folder (default: computed on the fly)")
     tr.add_argument("--steps", type=positive_int)
