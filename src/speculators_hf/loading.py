@@ -9,9 +9,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .config import SpeculatorConfig
 from .models import FAMILIES, SpeculatorModel, family
@@ -46,21 +47,56 @@ def is_hub_id(name: str, namespaced: bool = False) -> bool:
     return not looks_like_local_path(name) and (not namespaced or "/" in name)
 
 
-def load_draft(name_or_path: str | os.PathLike, **kwargs: Any) -> SpeculatorModel:
-    """Load a draft checkpoint (ours, or a `speculators` 0.9 one whose config has no `model_type`).
+HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
-    `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...). A local folder
-    that a killed save left missing (only where folders cannot be swapped atomically) is restored first
-    (`models.checkpoint.recover_interrupted_save`).
-    """
+
+def draft_config_dict(name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """config.json of a draft folder or Hub repo, as written (`from_pretrained`'s Hub arguments in `kwargs` are
+    used, the rest ignored). A local folder that a killed save left missing (only where folders cannot be swapped
+    atomically) is restored first (`models.checkpoint.recover_interrupted_save`)."""
     if not Path(name_or_path).expanduser().exists():
         recover_interrupted_save(Path(name_or_path).expanduser().absolute())
-    hub_kwargs = {
-        k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
-    }
-    config = SpeculatorConfig.from_pretrained(name_or_path, **hub_kwargs)
-    model_class: Any = FAMILIES[config.speculators_model_type]
-    return model_class.from_pretrained(name_or_path, config=config, **kwargs)
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    config, _ = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)
+    return config
+
+
+def load_draft(name_or_path: str | os.PathLike, verifier: Any = None, **kwargs: Any) -> SpeculatorModel:
+    """Load a draft checkpoint: ours, or one the `speculators` library wrote (no `model_type` in config.json).
+
+    `kwargs` go to `from_pretrained` (`revision`, `dtype`, `device_map`, `cache_dir`, ...). The library's
+    checkpoints are read through `convert`'s spec for their family (`convert.speculators.read_checkpoint`), so the
+    draft is the one `speculators-hf convert` would write, with the same checks and errors; `verifier` (a model, id
+    or path; ignored for our own checkpoints) then fills the verifier fingerprint, and the input embedding of a
+    draft saved without one, as `--verifier` does. Such a checkpoint takes only `dtype`, `device_map` (one device)
+    and the Hub arguments; convert it to give `from_pretrained` any other.
+    """
+    from .convert.speculators import is_library_config, read_checkpoint
+
+    if not is_library_config(draft_config_dict(name_or_path, **kwargs)):
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        config = SpeculatorConfig.from_pretrained(name_or_path, **hub_kwargs)
+        model_class: Any = FAMILIES[config.speculators_model_type]
+        return model_class.from_pretrained(name_or_path, config=config, **kwargs)
+    hub_keys = ("revision", "cache_dir", "token", "local_files_only")
+    unusable = sorted(set(kwargs) - {"dtype", "torch_dtype", "device_map", *hub_keys})
+    if unusable:
+        raise TypeError(
+            f"{name_or_path} is a checkpoint of the speculators library, read through its conversion spec, which "
+            f"takes no {unusable}: write it in this package's format first (`speculators-hf convert {name_or_path} "
+            "OUT --verifier VERIFIER`) and load OUT"
+        )
+    hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
+    draft = read_checkpoint(name_or_path, verifier=verifier, **hub_kwargs)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if dtype is not None and dtype != "auto":
+        draft.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    device = kwargs.get("device_map")
+    if isinstance(device, dict):
+        raise TypeError(f"device_map {device!r}: a speculators-library checkpoint is placed on one device; pass it")
+    if device is not None:
+        draft.to(device)
+    return draft
 
 
 class AutoSpeculatorForCausalLM:
@@ -71,6 +107,9 @@ class AutoSpeculatorForCausalLM:
     draft = AutoSpeculatorForCausalLM.from_pretrained("org/llama-eagle3", dtype=torch.bfloat16)
     out = draft.verifier.generate(**inputs, assistant_model=draft)
     ```
+
+    A checkpoint the `speculators` library wrote loads too (`load_draft`): its verifier first, whose config then
+    fills the draft's fingerprint.
     """
 
     @classmethod
@@ -91,12 +130,19 @@ class AutoSpeculatorForCausalLM:
         when none is passed, against the tokenizer found where the verifier came from (its id or path, same
         revision; a loaded verifier's `name_or_path`); if none can be loaded there, a warning says the hash
         was not checked. A different tokenizer is a `VerifierBindingError` naming tokenizer_hash."""
-        draft = load_draft(draft_name_or_path, **kwargs)
+        from .convert.speculators import is_library_config
+
+        config = draft_config_dict(draft_name_or_path, **kwargs)
+        library = is_library_config(config)
+        draft = None if library else load_draft(draft_name_or_path, **kwargs)
+        reference = (
+            draft.config.verifier if draft is not None else (config.get("speculators_config") or {}).get("verifier")
+        )
         vkw: dict[str, Any] = {}
         if isinstance(verifier, PreTrainedModel):
             source = getattr(verifier, "name_or_path", None) or verifier.config.name_or_path or None
         else:
-            reference = draft.config.verifier
+            reference = dict(reference or {})
             name = verifier or reference.get("name_or_path")
             if not name:
                 raise ValueError(
@@ -111,6 +157,8 @@ class AutoSpeculatorForCausalLM:
                 vkw.setdefault("revision", reference["revision"])
             source = str(name)
             verifier = AutoModelForCausalLM.from_pretrained(name, **vkw)
+        if draft is None:
+            draft = load_draft(draft_name_or_path, verifier=verifier, **kwargs)
         if tokenizer is None and draft.config.verifier.get("tokenizer_hash"):
             tokenizer = verifier_tokenizer(source, vkw)
         draft.to(verifier.device)  # type: ignore[arg-type]

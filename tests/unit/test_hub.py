@@ -19,13 +19,6 @@ from speculators_hf.config import default_speculators_config
 VERIFIER_ID = "tiny-org/tiny-llama"
 REPO_ID = "tiny-org/tiny-llama-draft"
 FAMILIES = ("eagle3", "eagle", "medusa", "mlp_speculator", "independent")
-VLLM_METHODS = {
-    "eagle3": "eagle3",
-    "eagle": "eagle",
-    "medusa": "medusa",
-    "mlp_speculator": "mlp_speculator",
-    "independent": "draft_model",
-}
 RESULT = {"tau": 3.9, "speedup": 2.1, "command": "speculators-hf bench --verifier x --draft d=y", "device": "1x H100"}
 
 
@@ -93,7 +86,7 @@ def test_card_renders_for_every_family(family, tmp_path):
     assert {"speculative-decoding", family, "speculators", "speculators-hf"} <= set(meta["tags"])
     assert front_matter(text) == meta  # the YAML header round-trips through ModelCardData
 
-    assert hub.cards.template_name(family) == f"{family}.md.j2"
+    assert hub.cards.template_name(family) == "base.md.j2"  # the family's words come from its model class
     body = card.text
     assert hub.is_generated_card(text) and hub.GENERATED_MARK in text
     assert hub.family_title(family) in body
@@ -102,31 +95,28 @@ def test_card_renders_for_every_family(family, tmp_path):
     assert "assistant_model=draft" in body and 'pipeline("text-generation"' in body
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True' in body
     assert f'AutoTokenizer.from_pretrained("{VERIFIER_ID}")' in body
-    # vLLM: eagle3 is served as is; the other families say which export they need
-    k = 5 if not isinstance(source, dict) else 3
-    method = VLLM_METHODS[family]
-    if family == "eagle3":
-        assert f'{{"method": "eagle3", "model": "{REPO_ID}", "num_speculative_tokens": {k}}}' in body
-        assert f"vllm serve {REPO_ID}" in body
-    else:
-        assert f'"method": "{method}"' in body and f"vllm serve {VERIFIER_ID}" in body
-        assert "speculators-hf convert" in body or "draft.model.save_pretrained" in body
+    # the guarantee, stated precisely: identical in float32; in half precision the verifying pass decides
+    prose = " ".join(body.split())
+    assert "in float32, greedy decoding gives the same tokens as the verifier alone" in prose
+    assert "In bfloat16 or float16 a pass over several tokens does not round like one-token passes" in prose
+    assert "same tokens as without the draft" not in prose  # the snippets load the pair in bfloat16
+    # vLLM: the section follows the family's checked facts (tests/unit/test_cards.py), by the repo id
+    assert "## Serve with vLLM" in body and hub.cards.REPO_PLACEHOLDER not in body
     # nothing was measured or described: no such sections, no numbers
     assert "## Measured" not in body and "## Training" not in body and "tau" not in meta
 
 
 def test_unknown_family_falls_back_to_the_base_template(tmp_path):
-    text = str(sh.create_model_card(stub_config("dflash", block_size=8), repo_id=REPO_ID))
-    assert hub.cards.template_name("dflash") == "base.md.j2"
+    text = str(sh.create_model_card(stub_config("future_family", block_size=8), repo_id=REPO_ID))
+    assert hub.cards.template_name("future_family") == "base.md.j2"
     card = load_card(text, tmp_path)
-    assert {"dflash", "speculative-decoding"} <= set(card.data.tags)
-    assert "`dflash`" in card.text and "## Serve with vLLM" in card.text
+    assert {"future_family", "speculative-decoding"} <= set(card.data.tags)
+    assert "`future_family`" in card.text and "## Serve with vLLM" in card.text
     assert "license" not in card.data.to_dict()  # unknown, so not invented
 
 
-def test_every_family_has_a_template_that_ships():
-    names = {p.name for p in hub.cards.TEMPLATES_DIR.glob("*.md.j2")}
-    assert {f"{f}.md.j2" for f in FAMILIES} | {"base.md.j2"} <= names
+def test_the_base_template_ships():
+    assert (hub.cards.TEMPLATES_DIR / "base.md.j2").is_file()
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert "[tool.setuptools.package-data]\n" in pyproject and '"model_cards/*.md.j2"' in pyproject
 

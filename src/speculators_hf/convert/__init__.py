@@ -13,7 +13,7 @@ convert("z-lab/Qwen3-8B-DFlash-b16", "qwen3-dflash", verifier="Qwen/Qwen3-8B")  
 Each foreign format is one declarative spec (`specs/<format>.yaml`: how to recognise it, tensor
 renames and shapes, config field map, the defaults its original code assumes) plus one small module
 that applies it (`eagle3.py`, `specforge.py`, `speculators.py`, `dflash.py`, `eagle.py`, `medusa.py`,
-`mlp_speculator.py`, `ours.py`). A new format plugs in as a spec with
+`mlp_speculator.py`, `ours.py`, `sglang.py`). A new format plugs in as a spec with
 `status: supported` and `module: <name>`, and a module defining `import_checkpoint(source, spec, ctx)`
 (and `export_checkpoint(folder, model, spec, ctx)` when it can be written too). Formats recognised
 but not converted yet have `status: planned` specs, so `--from auto` names them.
@@ -94,6 +94,12 @@ def _module(spec: FormatSpec) -> Any:
     return importlib.import_module(f"{__name__}.{spec.module}")
 
 
+def _exporter(target: FormatSpec) -> Any:
+    """The module that writes `target` (its export block's `module`, else the spec's own)."""
+    assert target.export is not None
+    return importlib.import_module(f"{__name__}.{target.export.module or target.module}")
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -120,9 +126,10 @@ def convert(
       has none (research EAGLE-3). Its weights are never loaded otherwise.
     - `to`: "ours" (this package's format: loads with AutoModelForCausalLM, remote code included),
       "speculators" (EAGLE-3, P-EAGLE, DFlash: what the `speculators` library and vLLM read; additionally
-      checked for that) or "vllm" (what vLLM reads for the draft's family: the speculators format for
+      checked for that), "vllm" (what vLLM reads for the draft's family: the speculators format for
       EAGLE-3, P-EAGLE and DFlash, vLLM's native layouts for EAGLE-1, Medusa and the MLP speculator; each
-      native export is imported again and compared).
+      native export is imported again and compared) or "sglang" (what SGLang 0.5.23 reads: EAGLE-3 as
+      `LlamaForCausalLMEagle3`, DFlash as `DFlashDraftModel`; imported again and compared).
     - `overrides`: our flat config fields to set (e.g. {"norm_before_residual": True}), and
       `speculative_tokens`.
     - `revision`: the Hub revision of `src`; `cache_dir`, `token`: for Hub ids of `src` and the verifier
@@ -169,7 +176,7 @@ def convert(
         model.save_pretrained(tmp)
         _check_written(tmp, model)
         if target is not None:
-            _module(target).export_checkpoint(tmp, model, target, ctx)
+            _exporter(target).export_checkpoint(tmp, model, target, ctx)
     say(f"wrote {destination} ({f'{target.title}, for --to {to}' if target is not None else 'speculators_hf format'})")
     return destination
 

@@ -1,4 +1,4 @@
-"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators|vllm] [--verifier ID_OR_PATH]
+"""`speculators-hf convert SRC DST [--from auto|FORMAT] [--to ours|speculators|vllm|sglang] [--verifier ID_OR_PATH]
 [--verifier-id ORG/NAME] [--dtype D] [--repo-id ORG/NAME]`."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def add_parsers(sub: Any) -> None:
         + ". --to vllm writes what vLLM reads for the draft's family: the speculators format for EAGLE-3, P-EAGLE "
         "and DFlash, vLLM's "
         "native layouts for EAGLE-1 (method eagle; vLLM drops a fc bias, the export warns), Medusa (method medusa) "
-        "and the MLP speculator (method mlp_speculator).",
+        "and the MLP speculator (method mlp_speculator). --to sglang writes what SGLang 0.5.23 reads: EAGLE-3 as "
+        "LlamaForCausalLMEagle3, DFlash as DFlashDraftModel.",
     )
     parser.add_argument("src", nargs="?", help="source checkpoint folder or Hub id")
     parser.add_argument("dst", nargs="?", help="output folder (must not exist, or be empty, unless --overwrite)")

@@ -50,7 +50,7 @@ def set_path(mapping: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def evaluate(expression: str, env: Mapping[str, Any], where: str, missing: Any = MISSING) -> Any:
-    """Evaluate a spec expression: names (dotted allowed) looked up in `env`, integers, + - * //.
+    """Evaluate a spec expression: names (dotted allowed) looked up in `env`, integers, + - * //, `or`.
     A name absent from `env` is an error, or gives `missing` when that is passed."""
 
     def walk(node: ast.AST) -> Any:
@@ -71,6 +71,13 @@ def evaluate(expression: str, env: Mapping[str, Any], where: str, missing: Any =
             if left is None or right is None:
                 raise ConversionError(f"{where}: {expression!r} reads a null value")
             return _BINOPS[type(node.op)](left, right)
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):  # `a or b`: the first true value, as Python
+            value = None
+            for operand in node.values:
+                value = walk(operand)
+                if value:
+                    break
+            return value
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -walk(node.operand)
         raise ConversionError(f"{where}: unsupported expression {expression!r}")

@@ -120,6 +120,7 @@ class ExportSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     targets: list[str] = Field(default_factory=list)
+    module: str | None = None  # the module that writes it (`export_checkpoint`), when not the spec's own
     config_must_have: list[str] = Field(default_factory=list)
     model_type_allowed: list[str | None] = Field(default_factory=list)
     legacy_rope_keys: bool = False

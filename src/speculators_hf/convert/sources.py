@@ -158,7 +158,8 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str, **hub_kwargs: Any
         raise ConversionError(f"{what} {name!r} is neither an existing folder nor a Hub id (org/name)")
     from huggingface_hub import snapshot_download
 
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token") and v is not None}
+    keys = ("revision", "cache_dir", "token", "local_files_only")
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in keys and v is not None}
     try:
         folder = snapshot_download(name, **kwargs)
     except Exception as err:

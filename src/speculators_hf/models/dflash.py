@@ -212,7 +212,7 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         ),
         results="benchmarks/results/vllm-parallel/results.json",
         notes=(
-            "Without `\"method\"` vLLM 0.32 runs this draft as `draft_model`, with an embedding the checkpoint does "
+            'Without `"method"` vLLM 0.32 runs this draft as `draft_model`, with an embedding the checkpoint does '
             "not hold (left uninitialised): no error, and no token accepted. vLLM 0.32 makes every draft layer "
             "causal within the block when `sliding_window_non_causal` is false (what this format writes), where this "
             "draft attends bidirectionally on its full-attention layers: vLLM's proposals then differ from this "
@@ -237,7 +237,7 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         n_aux = len(config.aux_hidden_state_layer_ids or [0, 1, 2])
         self.fc = nn.Linear(n_aux * config.feature_size, hidden, bias=False)
         self.hidden_norm = rms_norm(layer_config)
-        self.layers = nn.ModuleList(DFlashDecoderLayer(layer_config, i) for i in range(layer_config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(config, i) for i in range(layer_config.num_hidden_layers))
         self.norm = rms_norm(layer_config)
         self.rotary_emb = rotary(layer_config)
         self.init_draft_vocab(config.draft_vocab_size, layer_config.vocab_size)
@@ -253,6 +253,10 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
 
     def weight_value_problems(self) -> list[str]:
         return super().weight_value_problems() + self.draft_vocab_problems()
+
+    def decoder_layer(self, config: DFlashSpeculatorConfig, index: int) -> nn.Module:
+        """Draft layer `index` (DFlash2 wraps its sublayers in convolutions)."""
+        return DFlashDecoderLayer(config.transformer_layer_config, index)
 
     # -- what the draft borrows from its verifier -----------------------------------------------------
     def _bound_verifier(self, part: str) -> Any:
@@ -362,6 +366,14 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         return self.run_block(
             tokens.flatten(1), positions.flatten(1), contexts, self.block_masks(before, recent, block_of)
         )
+
+    def slot_predecessors(self, input_ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """The data's token before each slot's target [B, N, block_size] for the blocks at `anchors` [B, N] (the
+        anchor for a slot before the first that predicts; slots past the sequence's end, never trained, clamped)."""
+        size, first = self.config.block_size, int(not self.config.sample_from_anchor)
+        before = anchors[..., None] + (torch.arange(size, device=anchors.device) - first).clamp(min=0)
+        before = before.clamp(max=input_ids.shape[1] - 1)
+        return input_ids.gather(1, before.flatten(1)).view_as(before)
 
     def training_loss(
         self, input_ids: torch.Tensor, loss_mask: torch.Tensor, features: list[torch.Tensor], steps: int | None = None

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..config import MAX_WIDTH
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
-from .base import family
+from .base import VllmServing, family
 from .dflash import DFlashSpeculator, DFlashSpeculatorConfig
 from .objectives import draft_targets
 
@@ -134,6 +134,26 @@ class DSparkSpeculator(DFlashSpeculator):
 
     config_class = DSparkSpeculatorConfig
     title = "DSpark"
+    description = (
+        "DSpark is [DFlash](https://arxiv.org/abs/2602.06036) (a block-diffusion drafter: a few Qwen3 decoder layers "
+        "reading the verifier's hidden states `aux_hidden_state_layer_ids`, one pass over [newest token, "
+        "`mask_token_id` x (`block_size` - 1)] proposing the block) with a Markov head: each slot's logits get a "
+        "rank-`markov_rank` bias from the token before the one it predicts (`markov_head_type` vanilla: W2 W1[token]; "
+        "gated and rnn also read the slot's state), so the chain is picked token by token from one block pass. A "
+        "confidence head (`enable_confidence_head`) predicts each slot's acceptance rate. A block proposes "
+        "`block_size` tokens (`sample_from_anchor`). It borrows the verifier's token embedding, and its lm_head unless "
+        "`draft_vocab_size` is smaller. Chains only."
+    )
+    vllm_serving = VllmServing(
+        method=None,
+        reason=(
+            "No run of vLLM has loaded a DSpark draft, so this card gives no command. As read (not run): vLLM 0.32's "
+            "speculators reader registers `dspark` (`update_dspark`: `block_size`, `mask_token_id`, "
+            "`aux_hidden_state_layer_ids`, `sample_from_anchor`, `markov_rank`, `markov_head_type`) and its DSpark "
+            "model (`qwen3_dspark.py`) builds only the vanilla Markov head (`markov_w1`, `markov_w2`): gated and rnn "
+            "heads are not served there."
+        ),
+    )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (
         *DFlashSpeculator.card_details,
         ("Markov head (`markov_head_type`)", "markov_head_type"),
@@ -179,13 +199,9 @@ class DSparkSpeculator(DFlashSpeculator):
         self, input_ids: torch.Tensor, features: list[torch.Tensor], anchors: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`slot_outputs` [B, N, block_size, ...] of the blocks at `anchors` [B, N] (DFlash's `parallel_block`),
-        each slot's bias from the data's token before its target (the anchor for a slot before the first that
-        predicts)."""
-        size, first = self.config.block_size, int(not self.config.sample_from_anchor)
-        out = self.parallel_block(input_ids, features, anchors).unflatten(1, (anchors.shape[1], size))
-        before = anchors[..., None] + (torch.arange(size, device=anchors.device) - first).clamp(min=0)
-        before = before.clamp(max=input_ids.shape[1] - 1)  # slots past the sequence's end are never trained
-        return self.slot_outputs(out, input_ids.gather(1, before.flatten(1)).view_as(before))
+        each slot's bias from the data's token before its target (`slot_predecessors`)."""
+        out = self.parallel_block(input_ids, features, anchors).unflatten(1, (anchors.shape[1], -1))
+        return self.slot_outputs(out, self.slot_predecessors(input_ids, anchors))
 
     def parallel_forward(
         self, input_ids: torch.Tensor, features: list[torch.Tensor], anchors: torch.Tensor

