@@ -14,6 +14,8 @@ from .hub import ModelCardInputError, VerifierReferenceError, create_model_card,
 from .loading import AutoSpeculatorForCausalLM, load_draft, register_family
 from .models import (
     FAMILIES,
+    DFlash2Speculator,
+    DFlash2SpeculatorConfig,
     DFlashSpeculator,
     DFlashSpeculatorConfig,
     DSparkSpeculator,
@@ -46,6 +48,8 @@ for _model_class in list(FAMILIES.values()):
 
 __all__ = [
     "AutoSpeculatorForCausalLM",
+    "DFlash2Speculator",
+    "DFlash2SpeculatorConfig",
     "DFlashSpeculator",
     "DFlashSpeculatorConfig",
     "DSparkSpeculator",

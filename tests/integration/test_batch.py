@@ -38,6 +38,7 @@ PARALLEL_DRAFTS = {
     "peagle": lambda v: sh.PEagleSpeculator.from_verifier(v, draft_vocab_size=64),
     "dflash": lambda v: sh.DFlashSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6),
     "dspark": lambda v: sh.DSparkSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6, markov_rank=16),
+    "dflash2": lambda v: sh.DFlash2Speculator.from_verifier(v, block_size=6, selector_rank=16, selector_top_k=8),
 }
 ALL_DRAFTS = {**DRAFTS, **PARALLEL_DRAFTS}
 

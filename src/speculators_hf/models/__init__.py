@@ -3,6 +3,7 @@
 
 from .base import FAMILIES, SpeculatorLoadError, SpeculatorModel, family, is_speculator
 from .dflash import DFlashSpeculator, DFlashSpeculatorConfig
+from .dflash2 import DFlash2Speculator, DFlash2SpeculatorConfig
 from .dspark import DSparkSpeculator, DSparkSpeculatorConfig
 from .eagle import EagleSpeculator, EagleSpeculatorConfig
 from .eagle3 import Eagle3Speculator, Eagle3SpeculatorConfig
@@ -13,6 +14,8 @@ from .peagle import PEagleSpeculator, PEagleSpeculatorConfig
 
 __all__ = [
     "FAMILIES",
+    "DFlash2Speculator",
+    "DFlash2SpeculatorConfig",
     "DFlashSpeculator",
     "DFlashSpeculatorConfig",
     "DSparkSpeculator",
