@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,21 +25,31 @@ from .data import (
     REGEN_FILE,
     DataError,
     cache_features,
+    gather_regenerated,
     load_blocks,
     load_records,
     pack_blocks,
+    part_of,
+    regen_file,
+    regen_settings,
     regenerate_responses,
     save_blocks,
     tokenize_records,
+    verifier_parts,
+    write_feature_shards,
 )
 
 
-def _load_verifier(name: str, dtype: str) -> Any:
+def _load_verifier(name: str, dtype: str, device_map: str | None = None) -> Any:
+    """The whole verifier: on the GPU when there is one, or spread by accelerate's `device_map` (e.g. "auto":
+    over every GPU, then the CPU) when it does not fit one."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     verifier = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
-    if torch.cuda.is_available():
+    if device_map is None and torch.cuda.is_available():
         verifier.to("cuda")
     return verifier
 
@@ -47,19 +59,49 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer or args.verifier)
     records = load_records(args.input, limit=args.limit)
-    verifier = None
-    if args.regenerate or args.cache_features:
-        verifier = _load_verifier(args.verifier, args.dtype)
+    verifier: Any = None
+    server = None
+    if args.engine == "vllm":
+        from ..engines.vllm_engine import VllmServer
+
+        if not args.endpoint:
+            raise SystemExit("--engine vllm needs --endpoint URL (the one `speculators-hf serve-features` prints)")
+        # the config, generation config and final norm (vLLM's last layer id is pre-norm); never the decoder
+        verifier = verifier_parts(args.verifier, args.dtype)
+        server = VllmServer(args.endpoint, timeout=args.timeout, concurrency=args.concurrency)
+    elif args.regenerate or args.cache_features:
+        verifier = _load_verifier(args.verifier, args.dtype, args.device_map)
+    parts = args.world_size
     if args.regenerate:
         args.output.mkdir(parents=True, exist_ok=True)
-        records = regenerate_responses(
+        mine = part_of(len(records), parts, args.rank)
+        replier = None
+        if server is not None:
+
+            def replier(prompts: list[list[int]], eos_ids: Any) -> list[list[int]]:
+                return server.replies(prompts, args.max_new_tokens, eos_ids)
+
+        regenerated = regenerate_responses(
             verifier,
             tokenizer,
-            records,
+            records[mine.start : mine.stop],
             max_new_tokens=args.max_new_tokens,
-            batch_size=args.regen_batch_size,
-            progress_file=args.output / REGEN_FILE,
+            batch_size=args.concurrency if server is not None else args.regen_batch_size,
+            progress_file=args.output / regen_file(parts, args.rank),
+            replier=replier,
+            engine=args.engine if server is not None else None,
         )
+        if parts == 1:
+            records = regenerated
+        else:
+            settings = regen_settings(verifier, tokenizer, args.max_new_tokens, engine=args.engine if server else None)
+            records, missing = gather_regenerated(args.output, records, settings, parts)
+            if missing:
+                print(
+                    f"part {args.rank + 1} of {parts} regenerated; {missing} chats of the other parts are not yet: rerun "
+                    "this command (any --rank) once every part is done, to pack the blocks and cache the features"
+                )
+                return 0
     sequences, counts = tokenize_records(tokenizer, records)
     if counts["records_without_assistant_tokens"]:
         message = (
@@ -86,8 +128,46 @@ def cmd_data(args: argparse.Namespace) -> int:
         layer_ids = (
             [int(x) for x in args.layers.split(",")] if args.layers else _family_layer_ids(args.family, verifier)
         )
-        cache_features(verifier, input_ids, layer_ids, args.output, dtype=getattr(torch, args.cache_dtype))
+        dtype = getattr(torch, args.cache_dtype)
+        if server is None:
+            if parts > 1:
+                raise SystemExit("--world-size: only --engine vllm splits the feature cache between processes")
+            cache_features(verifier, input_ids, layer_ids, args.output, dtype=dtype)
+        else:
+            from ..engines.vllm_engine import block_features
+
+            def compute(blocks: torch.Tensor, first: int) -> list[torch.Tensor]:
+                return block_features(server, verifier, blocks, layer_ids, first)
+
+            hidden = verifier.config.get_text_config().hidden_size
+            write_feature_shards(
+                input_ids, layer_ids, args.output, hidden, compute, dtype=dtype, world_size=parts, rank=args.rank
+            )
     return 0
+
+
+def cmd_serve_features(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from ..engines.vllm_engine import serve_command, shell_line
+
+    layer_ids = (
+        [int(x) for x in args.layers.split(",")]
+        if args.layers
+        else _family_layer_ids(args.family, verifier_parts(args.verifier))
+    )
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    argv, env = serve_command(args.verifier, layer_ids, args.storage, args.vllm_python, extra)
+    if args.print_only:
+        print(shell_line(argv, env))
+        return 0
+    port = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--port"), "8000")
+    host = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--host"), "localhost")
+    args.storage.mkdir(parents=True, exist_ok=True)
+    print(f"hidden states {sorted(set(layer_ids))} of {args.verifier} to {args.storage.resolve()}")
+    print(f"endpoint: http://{host}:{port}  (speculators-hf data ... --engine vllm --endpoint http://{host}:{port})")
+    print(shell_line(argv, env), flush=True)
+    return subprocess.call(argv, env={**os.environ, **env})
 
 
 def _family_layer_ids(family: str, verifier: Any) -> list[int]:
@@ -124,7 +204,6 @@ def _new_draft(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     from ..loading import load_draft
@@ -134,11 +213,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     input_ids, loss_mask = load_blocks(args.data)
     n_blocks, seq_len = input_ids.shape
     n_eval, prompt_len, notes = plan_evaluation(n_blocks, seq_len, args.eval_blocks, args.eval_prompt_len)
+    eval_verifier = None
+    if args.features:  # the verifier's decoder is never loaded: only the tensors the draft borrows
+        verifier = verifier_parts(args.verifier, args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        if n_eval and args.eval_verifier:
+            eval_verifier = _load_verifier(args.eval_verifier, args.dtype, args.device_map)
+        elif n_eval:
+            notes.append(
+                f"evaluation: skipped: with --features the verifier's decoder is not loaded (the {n_eval} held-out "
+                "blocks stay out of training); pass --eval-verifier (the verifier, if it fits) to measure tau"
+            )
+    else:
+        verifier = _load_verifier(args.verifier, args.dtype, args.device_map)
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         print("\n".join(notes), file=sys.stderr)
-    verifier = _load_verifier(args.verifier, args.dtype)
     n_train = len(input_ids) - n_eval
     eval_prompts = [input_ids[i : i + 1, :prompt_len] for i in range(len(input_ids) - n_eval, len(input_ids))]
+    if args.features and eval_verifier is None:
+        eval_prompts = []
     if args.draft:
         draft = load_draft(args.draft).to(verifier.device).bind_verifier(verifier)
     else:
@@ -147,10 +239,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.family, verifier, args.draft_vocab_size, args.speculative_tokens, dict(args.draft_args or [])
         )
     # the feature cache covers every block; training sees all but the held-out ones
-    dataset = torch.utils.data.Subset(DraftDataset(input_ids, loss_mask, args.features), range(n_train))
+    features = DraftDataset(input_ids, loss_mask, args.features, draft.verifier_layer_ids() if args.features else None)
+    dataset = torch.utils.data.Subset(features, range(n_train))
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     config = TrainConfig(output_dir=str(args.output), **fields)
-    result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts, resume=not args.no_resume)
+    result = train(
+        draft,
+        verifier,
+        dataset,
+        config,
+        eval_prompts=eval_prompts,
+        resume=not args.no_resume,
+        eval_verifier=eval_verifier,
+    )
     print(
         json.dumps(
             {
@@ -162,6 +263,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+DEVICE_MAP_HELP = (
+    "spread the verifier over several devices with accelerate (e.g. auto: every GPU, then the CPU), for a verifier "
+    "that does not fit one GPU; default: the whole verifier on the GPU (or the CPU)"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -204,7 +311,60 @@ def add_parsers(sub: Any) -> None:
     data.add_argument("--layers", help="explicit hidden-state ids to cache, e.g. 2,16,29")
     data.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     data.add_argument("--dtype", default="auto", help="verifier dtype")
+    data.add_argument("--device-map", help=DEVICE_MAP_HELP)
+    data.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="who regenerates replies and computes hidden states: transformers in this process (default), or a vLLM "
+        "server started with `speculators-hf serve-features` (tensor/data parallel, any size; --endpoint)",
+    )
+    data.add_argument("--endpoint", help="--engine vllm: the server's URL, e.g. http://localhost:8000")
+    data.add_argument(
+        "--concurrency", type=positive_int, default=32, help="--engine vllm: requests in flight (default 32)"
+    )
+    data.add_argument(
+        "--timeout", type=positive_float, default=600.0, help="--engine vllm: seconds one request may take"
+    )
+    data.add_argument(
+        "--world-size",
+        type=positive_int,
+        default=1,
+        help="the number of processes (nodes) sharing the work; each takes a contiguous part of the records (and, "
+        "with --engine vllm, of the feature shards) and resumes on its own; the blocks are packed once every part "
+        "is regenerated",
+    )
+    data.add_argument("--rank", type=non_negative_int, default=0, help="this process's part: 0..world-size-1")
     data.set_defaults(func=cmd_data)
+
+    serve = sub.add_parser(
+        "serve-features",
+        help="start a vLLM server that writes the verifier hidden states a draft family trains on",
+        description="Start `vllm serve VERIFIER` (from --vllm-python's environment) with vLLM's extract_hidden_states "
+        "method and this package's KV connector, for `speculators-hf data --engine vllm --endpoint URL`. Arguments "
+        "after `--` go to vllm serve (e.g. -- --tensor-parallel-size 8 --data-parallel-size 2). With --print, "
+        "print the command (for a cluster scheduler) instead of running it.",
+    )
+    serve.add_argument("--verifier", required=True, type=model_ref, help="verifier model id or path")
+    serve.add_argument(
+        "--family", default="eagle3", choices=sorted(FAMILIES), help="draft family whose hidden states to write"
+    )
+    serve.add_argument("--layers", help="explicit hidden-state ids instead of the family's, e.g. 2,16,29")
+    serve.add_argument(
+        "--storage",
+        type=Path,
+        default=Path("hidden_states"),
+        help="folder the server writes hidden states to; must be visible to `data` at the same path (shared "
+        "filesystem across nodes)",
+    )
+    serve.add_argument(
+        "--vllm-python",
+        default=os.environ.get("SPECULATORS_HF_VLLM_PYTHON", "python"),
+        help="the python of the environment where vLLM is installed (default: $SPECULATORS_HF_VLLM_PYTHON or python)",
+    )
+    serve.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments of vllm serve")
+    serve.set_defaults(func=cmd_serve_features)
 
     tr = sub.add_parser(
         "train",
@@ -239,9 +399,23 @@ def add_parsers(sub: Any) -> None:
         type=key_value,
         metavar="KEY=VALUE",
         help="an argument of a new draft's `from_verifier` (repeatable), e.g. mask_token_id=0 (P-EAGLE, DFlash), "
-        "block_size=8 or num_layers=2 (DFlash, DSpark), markov_head_type=gated (DSpark), medusa_num_heads=4 (Medusa)",
+        "block_size=8 or num_layers=2 (DFlash, DSpark, DFlash2), markov_head_type=gated (DSpark), selector_top_k=16 "
+        "(DFlash2), medusa_num_heads=4 (Medusa)",
     )
-    tr.add_argument("--features", type=existing_dir, help="feature cache folder (default: computed on the fly)")
+    tr.add_argument(
+        "--features",
+        type=existing_dir,
+        help="feature cache folder (default: computed on the fly). The verifier's decoder layers are then never "
+        "loaded (nor need to exist): only its config, tokenizer and the tensors the draft borrows (embedding, "
+        "final norm, lm_head), read by name from its safetensors",
+    )
+    tr.add_argument(
+        "--eval-verifier",
+        type=model_ref,
+        help="with --features: the whole verifier (id or path, usually --verifier's) loaded to measure tau on the "
+        "held-out blocks; without it the evaluation is skipped",
+    )
+    tr.add_argument("--device-map", help=DEVICE_MAP_HELP)
     tr.add_argument("--steps", type=positive_int)
     tr.add_argument("--batch-size", dest="batch_size", type=positive_int)
     tr.add_argument("--grad-accum", dest="grad_accum", type=positive_int)

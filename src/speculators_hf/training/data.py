@@ -11,10 +11,14 @@
    to train on). `pack_blocks` concatenates records into fixed-length blocks.
 4. Hidden states are computed on the fly during training (`DraftDataset(verifier=...)`) or cached
    once with `cache_features` as fp16/bf16 safetensors shards (resumable, with a size estimate).
+5. Training from cached features needs only the tensors the draft borrows: `verifier_parts` builds the
+   verifier on the meta device and reads the tensors outside its decoder layers (embedding, final norm,
+   lm_head) from the safetensors files that hold them, so the decoder's shards are never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..generation.capture import verifier_hidden_states
+from ..generation.capture import decoder_of, verifier_hidden_states
+from ..models.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, check_inside, meta_model, shard_names
 from ..progress import Progress
 from ..prompts import chat_ids
 
@@ -155,10 +160,12 @@ class _RegenStore:
     def __init__(self, path: Path, settings: dict[str, Any]):
         self.path, self.settings = path, settings
 
-    def load(self, records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    def load(self, records: list[dict[str, Any]], repair: bool = True) -> dict[int, dict[str, Any]]:
+        """The records done; `repair=False` reads another process's file without changing it."""
         content = self.path.read_bytes() if self.path.exists() else b""
         if b"\n" not in content:  # nothing, or the first write torn (it holds the header): start over
-            self.path.unlink(missing_ok=True)
+            if repair:
+                self.path.unlink(missing_ok=True)
             return {}
         lines = content.split(b"\n")
         try:
@@ -183,7 +190,7 @@ class _RegenStore:
             if 0 <= index < len(records) and key == _record_key(records[index]):
                 _check_messages(record.get("messages") if isinstance(record, dict) else None, f"{self.path}")
                 done[index] = record
-        if good < len(content):
+        if good < len(content) and repair:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
         return done
@@ -244,6 +251,8 @@ def regenerate_responses(
     do_sample: bool = False,
     batch_size: int = REGEN_BATCH_SIZE,
     progress_file: str | os.PathLike | None = None,
+    replier: Any = None,
+    engine: str | None = None,
 ) -> list[dict[str, Any]]:
     """Replace each assistant reply of the chat records by the verifier's own continuation of the
     conversation so far, and give a reply to chats whose last turn is not the assistant's (user-only
@@ -252,7 +261,8 @@ def regenerate_responses(
     Records go through `generate()` `batch_size` at a time (left-padded, sorted by prompt length so that
     little is padding); greedy output is the same as one record at a time. With `progress_file` every
     finished batch is appended there, and a rerun with the same file, records and settings resumes: a
-    kill loses at most the batch in flight."""
+    kill loses at most the batch in flight. `replier(prompts, eos_ids)` replaces the verifier's `generate()`
+    (another engine, named by `engine` in the saved settings: replies of two engines are never mixed)."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     eos = getattr(verifier.generation_config, "eos_token_id", None)
@@ -260,12 +270,7 @@ def regenerate_responses(
         eos = tokenizer.eos_token_id
     eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(sorted(eos_ids)), 0)
-    settings = {
-        "verifier": getattr(verifier, "name_or_path", None) or verifier.config.name_or_path,
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest()[:16],
-    }
+    settings = regen_settings(verifier, tokenizer, max_new_tokens, do_sample, engine)
     store = _RegenStore(Path(progress_file), settings) if progress_file is not None else None
     done = store.load(records) if store is not None else {}
     chats = [i for i, r in enumerate(records) if "messages" in r]
@@ -285,7 +290,10 @@ def regenerate_responses(
                 if not pending:
                     break
                 prompts = [chat_ids(tokenizer, _open_prompt(turns[i]), add_generation_prompt=True) for i in pending]
-                replies = generate_replies(verifier, prompts, max_new_tokens, pad, eos_ids, do_sample)
+                if replier is not None:
+                    replies = replier(prompts, eos_ids)
+                else:
+                    replies = generate_replies(verifier, prompts, max_new_tokens, pad, eos_ids, do_sample)
                 for i, reply in zip(pending, replies):
                     tokens += len(reply)
                     turns[i][turns[i].index(None)] = {
@@ -303,6 +311,52 @@ def regenerate_responses(
     finally:
         progress.close()
     return [done.get(i, record) for i, record in enumerate(records)]
+
+
+def regen_settings(
+    verifier: Any, tokenizer: Any, max_new_tokens: int, do_sample: bool = False, engine: str | None = None
+) -> dict[str, Any]:
+    """What a regenerated reply depends on, saved in the progress file's header (a resume must match it)."""
+    settings = {
+        "verifier": getattr(verifier, "name_or_path", None) or verifier.config.name_or_path,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest()[:16],
+    }
+    if engine is not None:
+        settings["engine"] = engine
+    return settings
+
+
+def part_of(n: int, world_size: int, rank: int) -> range:
+    """The contiguous `rank`-th of `world_size` parts of range(n) (sizes differ by at most one)."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"--rank {rank}: must be in 0..{world_size - 1} for --world-size {world_size}")
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def regen_file(world_size: int = 1, rank: int = 0) -> str:
+    """The progress file of one process's part of the regeneration."""
+    return REGEN_FILE if world_size == 1 else f"regenerated-{rank}-of-{world_size}.jsonl"
+
+
+def gather_regenerated(
+    directory: Path, records: list[dict[str, Any]], settings: dict[str, Any], world_size: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The records with the replies every part's progress file holds (read, never changed), and how many chats
+    are not regenerated yet (parts still running)."""
+    out, missing = list(records), 0
+    for rank in range(world_size):
+        part = part_of(len(records), world_size, rank)
+        done = _RegenStore(directory / regen_file(world_size, rank), settings).load(
+            records[part.start : part.stop], False
+        )
+        for k, i in enumerate(part):
+            if k in done:
+                out[i] = done[k]
+            elif "messages" in records[i]:
+                missing += 1
+    return out, missing
 
 
 def _open_prompt(turns: list[dict[str, str] | None]) -> list[dict[str, str]]:
@@ -371,35 +425,66 @@ def cache_features(
 ) -> Path:
     """Compute the verifier hidden states of every block once and store them as safetensors shards
     under `directory/features-<ids>/`. Shards already written are kept, so an interrupted run resumes."""
-    ids_tag = "-".join(map(str, sorted(set(layer_ids))))
-    out = Path(directory) / f"features-{ids_tag}"
-    out.mkdir(parents=True, exist_ok=True)
-    hidden = verifier.config.get_text_config().hidden_size
-    total = feature_cache_bytes(input_ids.shape[0], input_ids.shape[1], hidden, len(set(layer_ids)), dtype)
-    print(
-        f"caching verifier hidden states {sorted(set(layer_ids))}: {input_ids.shape[0]} blocks, about {total / 2**20:.1f} MiB in {out}"
-    )
-    starts = range(0, input_ids.shape[0], shard_blocks)
-    for shard, start in enumerate(tqdm(starts, desc="verifier hidden states", unit="shard")):
-        path = out / f"shard-{shard:05d}.safetensors"
-        if path.exists():
-            continue
-        chunk = input_ids[start : start + shard_blocks]
+
+    def compute(chunk: torch.Tensor, first: int) -> list[torch.Tensor]:
         parts: list[list[torch.Tensor]] = []
         with torch.no_grad():
             for b in range(0, chunk.shape[0], batch_size):
                 states = verifier_hidden_states(verifier, chunk[b : b + batch_size].to(verifier.device), layer_ids)
-                parts.append([s.to("cpu", dtype) for s in states])
-        tensors = {f"hidden.{i}": torch.cat([p[k] for p in parts]) for k, i in enumerate(sorted(set(layer_ids)))}
-        tensors["block_index"] = torch.arange(start, start + chunk.shape[0])
+                parts.append([s.to("cpu") for s in states])
+        return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    hidden = verifier.config.get_text_config().hidden_size
+    return write_feature_shards(input_ids, layer_ids, directory, hidden, compute, shard_blocks, dtype)
+
+
+def write_feature_shards(
+    input_ids: torch.Tensor,
+    layer_ids: list[int],
+    directory: str | os.PathLike,
+    hidden_size: int,
+    compute: Any,
+    shard_blocks: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    world_size: int = 1,
+    rank: int = 0,
+) -> Path:
+    """The shard loop of every engine: `compute(blocks [n, T], index of the first)` gives one [n, T, H] tensor per id of sorted
+    `layer_ids`; each shard of `shard_blocks` blocks is written to `directory/features-<ids>/shard-N` through a
+    temporary file (a kill leaves whole shards only) and skipped when it exists (a rerun resumes). With
+    `world_size` > 1 this process writes only the `rank`-th contiguous part of the shards."""
+    ids = sorted(set(layer_ids))
+    out = Path(directory) / f"features-{'-'.join(map(str, ids))}"
+    out.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, input_ids.shape[0], shard_blocks))
+    mine = part_of(len(starts), world_size, rank)
+    blocks = sum(min(shard_blocks, input_ids.shape[0] - starts[s]) for s in mine)
+    total = feature_cache_bytes(blocks, input_ids.shape[1], hidden_size, len(ids), dtype)
+    part = f" (part {rank + 1} of {world_size}: shards {mine.start}..{mine.stop - 1})" if world_size > 1 else ""
+    print(f"caching verifier hidden states {ids}: {blocks} blocks{part}, about {total / 2**20:.1f} MiB in {out}")
+    for shard in tqdm(mine, desc="verifier hidden states", unit="shard"):
+        path = out / f"shard-{shard:05d}.safetensors"
+        if path.exists():
+            continue
+        start = starts[shard]
+        states = compute(input_ids[start : start + shard_blocks], start)
+        tensors = {f"hidden.{i}": s.to(dtype).contiguous() for i, s in zip(ids, states)}
+        tensors["block_index"] = torch.arange(start, start + states[0].shape[0])
         _atomic_save(tensors, path)
     return out
 
 
 class DraftDataset(torch.utils.data.Dataset):
-    """Blocks of (input_ids, loss_mask) and, from a feature cache, the verifier hidden states."""
+    """Blocks of (input_ids, loss_mask) and, from a feature cache, the verifier hidden states: all the cache
+    holds, or those of `layer_ids` (a cache of more layers, e.g. from one vLLM server for several families)."""
 
-    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, feature_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        feature_dir: str | os.PathLike | None = None,
+        layer_ids: list[int] | None = None,
+    ):
         self.input_ids, self.loss_mask = input_ids, loss_mask
         self.features: list[list[torch.Tensor]] | None = None
         if feature_dir is not None:
@@ -407,8 +492,14 @@ class DraftDataset(torch.utils.data.Dataset):
             if not shards:
                 raise DataError(f"no feature shards in {feature_dir}")
             loaded = [load_file(s) for s in shards]
-            keys = sorted((k for k in loaded[0] if k.startswith("hidden.")), key=lambda k: int(k.split(".")[1]))
-            stacked = [torch.cat([s[k] for s in loaded]) for k in keys]
+            held = sorted(int(k.split(".")[1]) for k in loaded[0] if k.startswith("hidden."))
+            wanted = held if layer_ids is None else sorted(set(layer_ids))
+            if not set(wanted) <= set(held):
+                raise DataError(
+                    f"{feature_dir} holds the hidden states {held}, the draft reads {wanted}: cache them with "
+                    f"`speculators-hf data --cache-features --layers {','.join(map(str, wanted))}` (or --family)"
+                )
+            stacked = [torch.cat([s[f"hidden.{i}"] for s in loaded]) for i in wanted]
             if stacked[0].shape[0] != input_ids.shape[0]:
                 raise DataError(
                     f"{feature_dir} holds {stacked[0].shape[0]} blocks, the data {input_ids.shape[0]}: re-run caching"
@@ -423,3 +514,97 @@ class DraftDataset(torch.utils.data.Dataset):
         if self.features is not None:
             item["features"] = self.features[i]
         return item
+
+
+# --------------------------------------------------------------------------------------------------
+# the verifier without its decoder layers
+# --------------------------------------------------------------------------------------------------
+def verifier_parts(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "cpu",
+    **download: Any,
+) -> Any:
+    """The verifier `AutoModelForCausalLM` with only the tensors OUTSIDE its decoder layers (token embedding,
+    final norm, lm_head, ...) read from its safetensors, by name, from the files that hold them (index-aware:
+    the shards that hold only decoder layers are never opened or downloaded). The decoder layers stay on the
+    meta device, allocated nowhere: enough to create a draft, bind it and train it from cached features; a
+    forward pass raises. Tied tensors stay tied. `dtype` "auto": the config's dtype, else the stored one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import cached_file
+
+    name = str(name_or_path)
+    config = AutoConfig.from_pretrained(name, **download)
+    model = meta_model(AutoModelForCausalLM.from_config, config)
+    model.name_or_path = config._name_or_path = name
+    with contextlib.suppress(OSError):  # the eos ids replies end at, as from_pretrained reads them
+        model.generation_config = GenerationConfig.from_pretrained(name, **download)
+    decoder = decoder_of(model)
+    layers = next(n for n, m in model.named_modules() if m is decoder.layers) + "."
+    state = model.state_dict(keep_vars=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted: dict[int, list[str]] = {}  # one entry per tensor object: its names (several when tied)
+    for key, tensor in state.items():
+        if not key.startswith(layers):
+            wanted.setdefault(id(tensor), []).append(key)
+
+    from safetensors import safe_open
+
+    quiet = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    index = cached_file(name, SAFETENSORS_INDEX, **quiet, **download)
+    if index is not None:
+        shard_names(Path(index))  # refuses names that lead out of the folder
+        weight_map: dict[str, str] = json.loads(Path(index).read_text())["weight_map"]
+    else:
+        single = cached_file(name, SAFETENSORS_FILE, **quiet, **download)
+        if single is None:
+            raise DataError(
+                f"verifier {name}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; training from features reads the "
+                "borrowed tensors from safetensors files (save the verifier with save_pretrained)"
+            )
+        with safe_open(single, "pt") as f:
+            weight_map = dict.fromkeys(f.keys(), SAFETENSORS_FILE)
+    plan: dict[str, list[tuple[str, list[str]]]] = {}  # shard -> [(stored name, the model's names)]
+    for keys in wanted.values():
+        stored = next((k for k in keys if k in weight_map), None)
+        if stored is None:
+            if keys[0] not in params:
+                continue  # a buffer computed at init (e.g. rotary frequencies): unused without the decoder
+            raise DataError(
+                f"verifier {name}: {keys[0]} (outside the decoder layers: needed without them) is not in its "
+                f"{SAFETENSORS_INDEX if index else SAFETENSORS_FILE}; the checkpoint does not match its config"
+            )
+        plan.setdefault(weight_map[stored], []).append((stored, keys))
+    if dtype == "auto":
+        dtype = config.dtype if isinstance(config.dtype, torch.dtype) else "stored"
+    for shard, entries in sorted(plan.items()):
+        path = cached_file(name, shard, **download)
+        if path is None:  # pragma: no cover - cached_file raises for a missing entry
+            raise DataError(f"verifier {name}: {shard}, named by {SAFETENSORS_INDEX}, is missing")
+        check_inside(Path(path), Path(path).parent, "verifier shard")
+        with safe_open(path, "pt", device="cpu") as f:
+            for stored, keys in entries:
+                tensor = f.get_tensor(stored)
+                if tensor.shape != state[keys[0]].shape:
+                    raise DataError(
+                        f"verifier {name}: {stored} in {shard} is {list(tensor.shape)}, its config makes it "
+                        f"{list(state[keys[0]].shape)}: the checkpoint does not match its config"
+                    )
+                if tensor.is_floating_point() and dtype != "stored":
+                    tensor = tensor.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+                tensor = tensor.to(device)
+                is_param = keys[0] in params
+                value = torch.nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+                for key in keys:  # the same object under every name: tied tensors stay tied
+                    module_name, _, leaf = key.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    (module._parameters if is_param else module._buffers)[leaf] = value
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise RuntimeError(
+            f"verifier {name} was loaded without its decoder layers (`verifier_parts`, for training from cached "
+            "features): it cannot run. Load the whole verifier (from_pretrained) to compute hidden states or generate."
+        )
+
+    decoder.register_forward_pre_hook(refuse)
+    return model.eval()

@@ -220,9 +220,14 @@ def train(
     config: TrainConfig,
     eval_prompts: list[torch.Tensor] | None = None,
     resume: bool = True,
+    eval_verifier: Any = None,
 ) -> dict[str, Any]:
     """Train `draft` (bound to `verifier`) on `dataset`; save checkpoints and the final draft (our format,
     with remote code) to `config.output_dir`. Returns {"history": [...], "evals": [...], "final_dir": ...}.
+
+    `verifier` may be `data.verifier_parts` (no decoder layers) when `dataset` holds cached features; tau on
+    `eval_prompts` is then measured with `eval_verifier` (the whole verifier; the draft is bound to it for
+    the evaluation and back to `verifier` after), or not at all when it is None.
 
     `resume=True` continues from the newest usable checkpoint in `output_dir` (raises `ResumeError` when the
     settings differ or none is usable); `resume=False` starts over and deletes the checkpoints there."""
@@ -293,7 +298,14 @@ def train(
 
     def evaluate(step: int) -> None:
         if eval_prompts:
-            stats = measure_acceptance(verifier, parts.draft, eval_prompts, config.eval_max_new_tokens)
+            judge = verifier if eval_verifier is None else eval_verifier
+            if judge is not verifier:
+                parts.draft.bind_verifier(judge)
+            try:
+                stats = measure_acceptance(judge, parts.draft, eval_prompts, config.eval_max_new_tokens)
+            finally:
+                if judge is not verifier:
+                    parts.draft.bind_verifier(verifier)
             evals.append({"step": step, "tau": stats.tau, "acceptance_rate": stats.acceptance_rate})
             accelerator.print(f"step {step}: acceptance length tau={stats.tau:.3f}")
 
@@ -316,8 +328,10 @@ def train(
                     for k in range(len(layer_ids))
                 ]
             else:
-                with torch.no_grad():
-                    features = verifier_hidden_states(verifier, input_ids, layer_ids)
+                with torch.no_grad():  # a verifier spread over devices (device_map) returns them where computed
+                    features = [
+                        f.to(accelerator.device) for f in verifier_hidden_states(verifier, input_ids, layer_ids)
+                    ]
             with accelerator.accumulate(module):
                 loss, metrics = module(input_ids, loss_mask, features)
                 accelerator.backward(loss)
