@@ -1,1 +1,1 @@
-../../blobs/19fbc639b4e1600645d2aebbc97f5935f3dd29cbce4f6d990d3a1c001d5fa9a2
+../../blobs/0473bd45fa97f1d094782f70243d4ee01f2a2e86f3db2fcb312ade2e1ed7aa31

@@ -1,1 +1,1 @@
-../../blobs/69e80e7bec9dcef2499ebfa6bb80c0c768fcf76364ef75825f5ed4599849ebd9
+../../blobs/e2a23e880ff740db09c1fc24a7dbb3eb73803a22fe389770aefb0dbeddef7d57
