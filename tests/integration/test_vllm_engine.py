@@ -349,3 +349,38 @@ def test_vllm_features_and_replies_equal_the_transformers_engine(vllm_server, tm
     if same == len(replies[0]):
         assert_same_features(tmp_path / "vllm" / "features-0-2-5-6", tmp_path / "hf" / "features-0-2-5-6")
     assert not list((root / "hs").iterdir())  # every hidden-state file read and deleted
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_draft_trained_on_vllm_features_equals_one_trained_on_transformers_features(vllm_server, tmp_path):
+    """50 steps from the real server's features (EAGLE-3: ids 0, 2, 5; EAGLE: the last layer, pre-norm in vLLM)
+    end with the losses of 50 steps from the transformers engine's, same seed, to training noise (1e-3)."""
+    root, endpoint = vllm_server
+    shutil.copytree(root / "verifier", tmp_path / "verifier")
+    write_chats(tmp_path / "prompts.jsonl", 24)
+    chats = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    for i, chat in enumerate(chats):  # fixed replies: both engines see the same tokens
+        chat["messages"].append({"role": "assistant", "content": chats[-1 - i]["messages"][0]["content"]})
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    argv = ["data", "--verifier", str(tmp_path / "verifier"), "--input", str(tmp_path / "chat.jsonl"), "--seq-len"]
+    argv += ["32", "--cache-features", "--cache-dtype", "float32", "--layers", ",".join(map(str, LAYERS))]
+    assert main([*argv, "--output", str(tmp_path / "vllm"), "--engine", "vllm", "--endpoint", endpoint]) == 0
+    assert main([*argv, "--output", str(tmp_path / "hf")]) == 0
+    features = "features-" + "-".join(map(str, LAYERS))
+    assert_same_features(tmp_path / "vllm" / features, tmp_path / "hf" / features)
+    for family in ("eagle3", "eagle"):
+        losses = []
+        for engine in ("vllm", "hf"):
+            out = tmp_path / f"{family}-{engine}"
+            run = ["train", "--verifier", str(tmp_path / "verifier"), "--data", str(tmp_path / engine)]
+            run += ["--features", str(tmp_path / engine / features), "--family", family, "--steps", "50"]
+            run += ["--batch-size", "2", "--log-every", "1", "--eval-blocks", "0", "--seed", "0", "--output", str(out)]
+            assert main(run) == 0
+            log = (out / "training_log.jsonl").read_text().splitlines()
+            losses.append([json.loads(line)["loss"] for line in log])
+        gap = max(abs(a - b) for a, b in zip(*losses))
+        print(
+            f"{family}: 50 steps, loss {losses[0][0]:.4f} -> {losses[0][-1]:.4f} (vLLM features), largest gap {gap:.2e}"
+        )
+        assert len(losses[0]) == 50 and gap <= 1e-3

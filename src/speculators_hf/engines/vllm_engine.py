@@ -215,21 +215,9 @@ def block_features(
 ) -> list[torch.Tensor]:
     """This package's features of `blocks` [n, T] from the server: one [n, T, H] tensor per id of sorted
     `layer_ids` (`verifier_hidden_states` numbering), id N passed through the verifier's final norm."""
-    from ..generation.capture import decoder_of
+    from ..training.data import pre_norm_last
 
     text = verifier.config.get_text_config()
     ids = sorted(set(layer_ids))
     states = torch.stack(server.hidden_states(blocks, len(ids), text.hidden_size, first))  # [n, T, L, H]
-    out = [states[:, :, j] for j in range(len(ids))]
-    if text.num_hidden_layers in ids:
-        norm = getattr(decoder_of(verifier), "norm", None)
-        if norm is None:
-            raise EngineError(
-                f"{type(verifier).__name__} has no final `norm`: its post-norm last hidden state (id "
-                f"{text.num_hidden_layers}) cannot be made from vLLM's pre-norm one"
-            )
-        j = ids.index(text.num_hidden_layers)
-        weight = next(norm.parameters())
-        with torch.no_grad():
-            out[j] = norm(out[j].to(weight.device, weight.dtype)).to("cpu", out[j].dtype)
-    return out
+    return [pre_norm_last(verifier, states[:, :, j], i) for j, i in enumerate(ids)]

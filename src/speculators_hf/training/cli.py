@@ -26,6 +26,7 @@ from .data import (
     DataError,
     cache_features,
     gather_regenerated,
+    import_speculators,
     load_blocks,
     load_records,
     pack_blocks,
@@ -57,6 +58,8 @@ def _load_verifier(name: str, dtype: str, device_map: str | None = None) -> Any:
 def cmd_data(args: argparse.Namespace) -> int:
     from ..loading import load_tokenizer
 
+    if args.from_speculators:
+        return _import_speculators(args)
     tokenizer = load_tokenizer(args.tokenizer or args.verifier)
     records = load_records(args.input, limit=args.limit)
     verifier: Any = None
@@ -143,6 +146,25 @@ def cmd_data(args: argparse.Namespace) -> int:
             write_feature_shards(
                 input_ids, layer_ids, args.output, hidden, compute, dtype=dtype, world_size=parts, rank=args.rank
             )
+    return 0
+
+
+def _import_speculators(args: argparse.Namespace) -> int:
+    """`data --from-speculators`: the library's files -> blocks and feature shards (only the verifier's config
+    and final norm are read)."""
+    if args.regenerate or args.engine != "transformers" or args.world_size > 1:
+        raise SystemExit("--from-speculators imports finished data: drop --regenerate, --engine and --world-size")
+    layer_ids = [int(x) for x in args.layers.split(",")] if args.layers else None
+    out = import_speculators(
+        args.from_speculators,
+        verifier_parts(args.verifier, args.dtype),
+        args.output,
+        args.seq_len,
+        args.hidden_states,
+        layer_ids,
+        getattr(torch, args.cache_dtype),
+    )
+    print(f"train with: speculators-hf train --verifier {args.verifier} --data {args.output} --features {out} ...")
     return 0
 
 
@@ -285,7 +307,19 @@ def add_parsers(sub: Any) -> None:
     )
     data.add_argument("--verifier", required=True, type=model_ref, help="verifier model id or path")
     data.add_argument("--tokenizer", type=model_ref, help="tokenizer id or path (default: the verifier's)")
-    data.add_argument("--input", required=True, type=existing_file, help="jsonl file")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=existing_file, help="jsonl file")
+    source.add_argument(
+        "--from-speculators",
+        type=existing_dir,
+        metavar="PREPARED",
+        help="import the `speculators` library's offline data instead: the folder its prepare-data wrote (token ids, "
+        "loss masks) with the hs_{i}.safetensors of its generate-offline-data (in PREPARED/hidden_states unless "
+        "--hidden-states); writes the blocks and feature shards `train --features` reads (--layers: the files' ids)",
+    )
+    data.add_argument(
+        "--hidden-states", type=existing_dir, help="--from-speculators: the folder of hs_{i}.safetensors files"
+    )
     data.add_argument("--output", required=True, type=new_dir, help="output folder")
     data.add_argument("--limit", type=positive_int, help="use the first N records")
     data.add_argument("--seq-len", type=positive_int, default=512, help="tokens per training block")
@@ -308,7 +342,11 @@ def add_parsers(sub: Any) -> None:
     data.add_argument(
         "--family", default="eagle3", choices=sorted(FAMILIES), help="draft family whose hidden states to cache"
     )
-    data.add_argument("--layers", help="explicit hidden-state ids to cache, e.g. 2,16,29")
+    data.add_argument(
+        "--layers",
+        help="explicit hidden-state ids to cache, e.g. 2,16,29; with --from-speculators the ids of the files' layers "
+        "in file order, vLLM's numbering (default for 4-layer files 2,N//2,N-3,N, N = the pre-norm last layer)",
+    )
     data.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     data.add_argument("--dtype", default="auto", help="verifier dtype")
     data.add_argument("--device-map", help=DEVICE_MAP_HELP)

@@ -608,3 +608,180 @@ def verifier_parts(
 
     decoder.register_forward_pre_hook(refuse)
     return model.eval()
+
+
+def pre_norm_last(verifier: Any, states: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """vLLM's (and the `speculators` library's) hidden state `layer_id` in this package's numbering: the same
+    tensor, except id N (the number of layers), which vLLM takes BEFORE the final norm and this package after it
+    (transformers' `hidden_states[N]`): that one is passed through the verifier's own final norm."""
+    from ..generation.capture import decoder_of
+
+    if layer_id != verifier.config.get_text_config().num_hidden_layers:
+        return states
+    norm = getattr(decoder_of(verifier), "norm", None)
+    if norm is None:
+        raise DataError(
+            f"{type(verifier).__name__} has no final `norm`: its post-norm last hidden state (id {layer_id}) cannot "
+            "be made from vLLM's pre-norm one; drop that id (--layers)"
+        )
+    weight = next(norm.parameters())
+    with torch.no_grad():
+        return norm(states.to(weight.device, weight.dtype)).to("cpu", states.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# data from the `speculators` library (its `prepare-data` + `generate-offline-data`)
+# --------------------------------------------------------------------------------------------------
+SPECULATORS_HIDDEN = "hidden_states"  # generate-offline-data's default folder, inside the prepared dataset
+
+
+def speculators_layer_ids(num_layers: int) -> list[int]:
+    """The ids of the library's default files, in file order: EAGLE-3's [2, N//2, N-3] and N, the last layer's
+    output before the final norm (`verifier_last_hidden_states`)."""
+    return [2, num_layers // 2, num_layers - 3, num_layers]
+
+
+def read_speculators_prepared(prepared: str | os.PathLike) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, loss_mask) of every row of the dataset `speculators prepare-data` saved (`datasets`'
+    `save_to_disk`: `state.json` naming Arrow stream files with `input_ids`, `loss_mask` and `seq_len`), in row
+    order: row i is the sample of `hs_{i}.safetensors`. Needs pyarrow (`pip install pyarrow`)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.ipc
+    except ImportError:
+        raise DataError("reading a `speculators` prepared dataset needs pyarrow: pip install pyarrow") from None
+    prepared = Path(prepared)
+    state = prepared / "state.json"
+    if not state.exists():
+        raise DataError(
+            f"{prepared} is not a dataset saved by `speculators prepare-data` (no state.json): pass the folder "
+            "given to its --output"
+        )
+    files = [prepared / entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    rows: list[tuple[list[int], list[int]]] = []
+    for path in files:
+        check_inside(path, prepared, "prepared data file")
+        with pa.memory_map(str(path)) as source:
+            table = pyarrow.ipc.open_stream(source).read_all()
+        missing = {"input_ids", "loss_mask"} - set(table.column_names)
+        if missing:
+            raise DataError(f"{path}: no column {sorted(missing)} (has {table.column_names}): not prepare-data output")
+        for ids, mask in zip(table["input_ids"].to_pylist(), table["loss_mask"].to_pylist()):
+            if len(ids) != len(mask) or not ids:
+                raise DataError(f"{path}: row {len(rows)}: {len(ids)} input_ids, {len(mask)} loss_mask values")
+            rows.append((ids, [int(bool(m)) for m in mask]))
+    return rows
+
+
+def import_speculators(
+    prepared: str | os.PathLike,
+    verifier: Any,
+    output: str | os.PathLike,
+    seq_len: int,
+    hidden_dir: str | os.PathLike | None = None,
+    layer_ids: list[int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_blocks: int = 64,
+) -> Path:
+    """This package's blocks and feature shards from the `speculators` library's offline data: its prepared
+    dataset (`prepared`: token ids and loss masks) and its `hs_{i}.safetensors` files (`hidden_dir`, default
+    `prepared/hidden_states`: `hidden_states` [seq, layers, hidden] and `token_ids` [seq] of row i).
+
+    `layer_ids` are the library's (vLLM's) ids of the files' layers in file order, default
+    `speculators_layer_ids` for 4-layer files; id N (pre-norm) becomes this package's post-norm id N through the
+    verifier's final norm (`pre_norm_last`; `verifier` may be `verifier_parts`), the others are kept. Rows are
+    packed in order into `seq_len` blocks like `pack_blocks`; rows without a file (the library skips the samples
+    that failed) are left out and counted. Every file is checked before anything is written (it opens, names
+    these tensors, holds the row's token ids, and the shape agrees with the others and the verifier); finiteness
+    is checked as the shards are written. Resumable like `write_feature_shards`. Returns the feature folder."""
+    text = verifier.config.get_text_config()
+    n_layers, hidden = text.num_hidden_layers, text.hidden_size
+    hidden_dir = Path(hidden_dir) if hidden_dir is not None else Path(prepared) / SPECULATORS_HIDDEN
+    rows = read_speculators_prepared(prepared)
+    from safetensors import safe_open
+
+    kept, skipped, width = [], [], None
+    for i, (ids, _) in enumerate(rows):
+        path = hidden_dir / f"hs_{i}.safetensors"
+        if not path.exists():
+            skipped.append(i)
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                names = set(f.keys())
+                if not {"hidden_states", "token_ids"} <= names:
+                    raise DataError(f"{path} holds {sorted(names)}, not hidden_states and token_ids")
+                states = f.get_slice("hidden_states")
+                shape, kind = list(states.get_shape()), states.get_dtype()
+                stored = f.get_tensor("token_ids").tolist()
+        except DataError:
+            raise
+        except Exception as err:  # safetensors raises its own types for a truncated or damaged file
+            raise DataError(
+                f"{path} is damaged ({err}): delete it and rerun `speculators generate-offline-data` (it regenerates "
+                "missing files), then this command"
+            ) from None
+        if stored != ids:
+            raise DataError(
+                f"{path}: its token_ids ({len(stored)}) are not those of row {i} of {prepared} ({len(ids)}): the "
+                "files and the prepared dataset are of different runs (hs_{i} is row i of the dataset they were made from)"
+            )
+        if kind not in ("BF16", "F16", "F32") or len(shape) != 3 or shape[0] != len(ids) or shape[2] != hidden:
+            raise DataError(
+                f"{path}: hidden_states {kind} {shape}, expected a float [{len(ids)}, layers, {hidden}] (tokens, "
+                f"layers, the verifier's hidden size): is it of this verifier?"
+            )
+        if width is None:
+            width = shape[1]
+        elif shape[1] != width:
+            raise DataError(f"{path} holds {shape[1]} layers, the files before it {width}: mixed runs")
+        kept.append(i)
+    if width is None:
+        raise DataError(f"no hs_{{i}}.safetensors for any of the {len(rows)} rows of {prepared} in {hidden_dir}")
+    if layer_ids is None:
+        if width != 4:
+            raise DataError(
+                f"{hidden_dir}: the files hold {width} layers, not the library's default 4: pass their ids in file "
+                "order (--layers, the --target-layer-ids vLLM was started with, and N last if it was included)"
+            )
+        layer_ids = speculators_layer_ids(n_layers)
+    if len(layer_ids) != width or len(set(layer_ids)) != width or not all(0 <= i <= n_layers for i in layer_ids):
+        raise DataError(
+            f"--layers {layer_ids}: the files hold {width} layers; give {width} distinct ids in 0..{n_layers}"
+        )
+    if skipped:
+        print(f"warning: {len(skipped)} of {len(rows)} rows have no hidden-state file and are left out: {skipped[:10]}")
+    sequences = [rows[i] for i in kept]
+    input_ids, loss_mask = pack_blocks(sequences, seq_len)
+    info = {"verifier": verifier.name_or_path, "source": f"speculators:{prepared}", "speculators_rows": kept}
+    output = Path(output)
+    previous = output / INFO_FILE
+    if previous.exists() and json.loads(previous.read_text()).get("speculators_rows", kept) != kept:
+        raise DataError(
+            f"{output} holds an import of other rows (hidden-state files were added or removed since): its feature "
+            "shards would not match; use another --output or delete it"
+        )
+    save_blocks(output, input_ids, loss_mask, {**info, "records": len(kept), "trained_tokens": int(loss_mask.sum())})
+    starts = [0]
+    for ids, _ in sequences:
+        starts.append(starts[-1] + len(ids))
+    order = sorted(range(width), key=lambda j: layer_ids[j])  # file column of each sorted id
+
+    def compute(blocks: torch.Tensor, first: int) -> list[torch.Tensor]:
+        begin, end = first * seq_len, (first + blocks.shape[0]) * seq_len
+        pieces = []
+        k = next(k for k in range(len(kept)) if starts[k + 1] > begin)
+        while starts[k] < end:
+            path = hidden_dir / f"hs_{kept[k]}.safetensors"
+            states = load_file(path)["hidden_states"]
+            if not bool(torch.isfinite(states).all()):
+                raise DataError(
+                    f"{path} holds non-finite hidden states (inf or nan): delete it and rerun `speculators "
+                    "generate-offline-data`, then this command (the shards written so far are kept)"
+                )
+            pieces.append(states[max(begin - starts[k], 0) : end - starts[k]])
+            k += 1
+        states = torch.cat(pieces).view(blocks.shape[0], seq_len, width, hidden)
+        return [pre_norm_last(verifier, states[:, :, j], layer_ids[j]) for j in order]
+
+    return write_feature_shards(input_ids, layer_ids, output, hidden, compute, shard_blocks, dtype)
