@@ -12,7 +12,8 @@ A generated block is delimited by
 where KIND says how to render the results file(s) at PATH (a glob for `ab`): `bench` (`speculators-hf bench`'s
 results.json: the run's command and machine, then its table and the verifier's pass cost by width), `ab`
 (`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`),
-`walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
+`walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`), `half` and `half_summary`
+(`benchmarks/half_precision.py`: per verifier and method, and pooled by kind of method). The prose of BENCHMARKS.md may only quote figures that appear in a
 block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
@@ -149,6 +150,100 @@ def _parallel(path: Path) -> str:
     )
 
 
+HALF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _half_run(data: dict[str, Any], path: Path) -> str:
+    return (
+        f"Run `{path.relative_to(ROOT)}`: `{data['command']}` on {data['cpu_model']} ({data['cpu_count']} cores, "
+        f"{data['torch_threads']} torch threads), torch {data['torch']}, transformers {data['transformers']}"
+        f"{'; ' + data['note'] if data.get('note') else ''}{'' if data.get('complete') else ' (INCOMPLETE run)'}."
+    )
+
+
+def _differing(rows: list[dict[str, Any]]) -> str:
+    """Prompts whose output differs from the verifier alone, and the share of new tokens from the first difference."""
+    prompts, differing = sum(r["prompts"] for r in rows), sum(r["prompts_differing"] for r in rows)
+    tokens = sum(r["tokens_from_first_difference"] for r in rows) / max(sum(r["new_tokens"] for r in rows), 1)
+    return f"{differing} of {prompts}" + (f" ({tokens:.1%} of tokens)" if differing else "")
+
+
+def _half(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = [
+        _half_run(data, path),
+        "",
+        "Each cell: prompts whose greedy output differs from the verifier alone in the same dtype (new tokens from "
+        "the first difference on, as a share of all new tokens); tau = new tokens per verifier pass; 'not argmax' = "
+        "tokens that were not the verifier's argmax in the pass that verified them, all dtypes.",
+    ]
+    for entry in data["verifiers"].values():
+        dtypes = [d for d in HALF_DTYPES if d in entry["dtypes"]]
+        methods = list(dict.fromkeys(m for d in dtypes for m in entry["dtypes"][d]["methods"]))
+        lines += [
+            "",
+            f"{entry['label']}:",
+            "",
+            "| method | " + " | ".join(dtypes) + " | tau (" + " / ".join(dtypes) + ") | not argmax |",
+            "|---|" + "---|" * (len(dtypes) + 2),
+        ]
+        for method in methods:
+            rows = [entry["dtypes"][d]["methods"].get(method) for d in dtypes]
+            cells = ["" if r is None else _differing([r]) for r in rows]
+            taus = " / ".join("" if r is None else f"{r['tau']:.2f}" for r in rows)
+            wrong = sum(r["tokens_not_argmax_of_their_pass"] for r in rows if r is not None)
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {taus} | {wrong} |")
+        alone = [
+            f"{d} on {entry['dtypes'][d]['alone_differs_from_float32']} of {len(entry['dtypes'][d]['reference'])}"
+            for d in dtypes
+            if "alone_differs_from_float32" in entry["dtypes"][d]
+        ]
+        if alone:
+            lines += ["", "The verifier alone differs from itself in float32: " + ", ".join(alone) + " prompts."]
+    return "\n".join(lines)
+
+
+def _half_kind(method: str) -> str:
+    if method.startswith("transformers assisted"):
+        return "transformers' assisted generation"
+    return "prompt lookup" if method.startswith("prompt lookup") else "our drafts and loops"
+
+
+def _half_summary(path: Path) -> str:
+    """Pooled over the verifiers and methods of each kind: ours, transformers' assisted generation, prompt lookup."""
+    data = json.loads(path.read_text())
+    kinds = ["our drafts and loops", "transformers' assisted generation", "prompt lookup"]
+    lines = [
+        _half_run(data, path) + " Verifiers: " + "; ".join(e["label"] for e in data["verifiers"].values()) + ".",
+        "",
+        "| dtype | " + " | ".join(kinds) + " | tokens not the verifier's argmax in their pass |",
+        "|---|" + "---|" * (len(kinds) + 1),
+    ]
+    for dtype in HALF_DTYPES:
+        rows = [
+            (_half_kind(m), r)
+            for e in data["verifiers"].values()
+            for m, r in e["dtypes"].get(dtype, {}).get("methods", {}).items()
+        ]
+        if rows:
+            cells = [_differing([r for k, r in rows if k == kind]) for kind in kinds]
+            wrong = sum(r["tokens_not_argmax_of_their_pass"] for _, r in rows)
+            lines.append(f"| {dtype} | " + " | ".join(cells) + f" | {wrong} |")
+    alone = []
+    for dtype in HALF_DTYPES[1:]:
+        runs = [
+            e["dtypes"][dtype]
+            for e in data["verifiers"].values()
+            if "alone_differs_from_float32" in e["dtypes"].get(dtype, {})
+        ]
+        if runs:
+            differing = sum(r["alone_differs_from_float32"] for r in runs)
+            alone.append(f"{dtype} on {differing} of {sum(len(r['reference']) for r in runs)}")
+    if alone:
+        lines += ["", "The verifier alone differs from itself in float32: " + ", ".join(alone) + " prompts."]
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -163,6 +258,8 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "vocab": lambda p: _vocab(ROOT / p),
     "walkthrough": lambda p: _walkthrough(ROOT / p),
     "parallel": lambda p: _parallel(ROOT / p),
+    "half": lambda p: _half(ROOT / p),
+    "half_summary": lambda p: _half_summary(ROOT / p),
 }
 
 

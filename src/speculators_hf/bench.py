@@ -3,8 +3,9 @@
 In one run, on the same prompts, greedy: the verifier alone, transformers' assisted generation with
 a small LM, prompt-lookup decoding, and each of our drafts at several draft lengths k. For every
 method it reports tau (tokens per verifier forward pass), tokens/s, the speedup over the verifier
-alone, whether the output is identical to it (every run of every prompt, token for token: a row that is
-not says NO and the command exits non-zero), and for our drafts the tokens actually drafted per round
+alone, whether the output is identical to it (every run of every prompt, token for token; see `identity` for
+half precision, where a pass over k + 1 tokens may round a near-tie the other way than one-token decoding),
+and for our drafts the tokens actually drafted per round
 (k_d: fewer than k where a draft cannot predict k ahead, and in the last rounds), the measured
 draft/verifier cost ratio c and the speedup an ideal implementation would reach with the measured tau:
 tau / (1 + k_d c), the formula (1 - a^(k+1)) / ((1 - a)(1 + k c)) with tau = (1 - a^(k+1)) / (1 - a);
@@ -31,6 +32,8 @@ from .generation.policy import sync as _sync
 from .generation.stats import GenerationStats
 from .progress import Progress
 
+HALF_PRECISION = ("float16", "bfloat16")
+
 
 @dataclass
 class BenchResult:
@@ -41,12 +44,28 @@ class BenchResult:
     seconds: float
     tokens_per_s: float
     speedup: float = 1.0
-    exact: bool = True
+    exact: bool = True  # every run of every prompt equals the verifier alone, token for token
     cost_ratio: float | None = None
     ideal_speedup: float | None = None
     drafted_per_round: float | None = None  # k_d: draft tokens actually drafted per round
     ideal_speedup_width_charged: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # the verifier's
+    prompts: int = 0
+    prompts_differing: int = 0
+    # half precision, prompts that differ run again under `VerifierPasses`: True when every token was the
+    # verifier's argmax in the pass that verified it; None where not checked (batched rows)
+    verified_in_pass: bool | None = None
+
+    @property
+    def half_precision(self) -> bool:
+        return self.dtype in HALF_PRECISION
+
+    @property
+    def failed(self) -> bool:
+        """A row that breaks the guarantee: any difference in float32 (and wider); in half precision a token that
+        was not the verifier's argmax in the pass that verified it."""
+        return not self.exact and (not self.half_precision or self.verified_in_pass is False)
 
     @property
     def measured_over_ideal(self) -> float | None:
@@ -81,6 +100,95 @@ class _DraftTimer:
     def __exit__(self, *exc: Any) -> None:
         for name in self.METHODS:
             delattr(self.draft, name)  # back to the class methods
+
+
+@dataclass
+class _Pass:
+    """One verifier forward pass: the tokens it read, their positions, which of them each may attend to
+    (ancestor-or-self, [q, q]) and the verifier's greedy choice (argmax of its logits) after each (-1: no logits)."""
+
+    tokens: list[int]
+    positions: list[int]
+    ancestors: torch.Tensor
+    choices: list[int]
+
+
+class VerifierPasses:
+    """Records every forward pass of `verifier` (batch 1) while entered, to check the defining property of
+    greedy speculative decoding: every emitted token is the verifier's argmax in the forward pass that
+    verified it (`mismatches`). That holds in any dtype; in half precision it is all that holds, since a pass
+    over k + 1 tokens does not round like k + 1 one-token passes. Tree passes are read from the 4D mask the
+    package's loop passes (its last q columns are the block); a 2D mask means a causal block (chains).
+    Assumes greedy decoding whose logits processors do not move the argmax (transformers' defaults)."""
+
+    def __init__(self, verifier: Any):
+        self.verifier = verifier
+        self.passes: list[_Pass] = []
+
+    def __enter__(self) -> VerifierPasses:
+        self._handle = self.verifier.register_forward_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def _record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[0] != 1:
+            shape = None if ids is None else list(ids.shape)
+            raise ValueError(
+                f"VerifierPasses checks one sequence at a time (input_ids of shape [1, n]); the verifier was called "
+                f"with input_ids of shape {shape}: generate one prompt per call while it records"
+            )
+        q = ids.shape[1]
+        positions = kwargs.get("position_ids")
+        if positions is None:  # transformers' loops pass them; else the cache, already extended by this pass
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            start = cache.get_seq_length() - q if cache is not None else 0
+            positions = torch.arange(start, start + q)[None]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            block = mask[0, 0, :, -q:]
+            ancestors = block == 0 if block.is_floating_point() else block.bool()
+        else:
+            ancestors = torch.ones(q, q, dtype=torch.bool).tril()
+        logits = output.logits[0]  # [L, V]: the last L entries (logits_to_keep)
+        choices = [-1] * (q - logits.shape[0]) + logits.argmax(dim=-1).tolist()
+        self.passes.append(_Pass(ids[0].tolist(), positions[0].tolist(), ancestors.cpu(), choices))
+
+    def mismatches(self, prompt_length: int, sequence: torch.Tensor) -> list[str]:
+        """Each token of `sequence` [n] past the prompt that is not the argmax of the recorded pass that verified
+        it, or that no pass verified. An entry of a pass is on the sequence when the pass's context (every
+        position before its first entry) was fed the sequence's tokens by entries of earlier passes that were on
+        it, and the entry and its ancestors in the pass are the sequence's tokens at their positions; such an
+        entry verifies the token after it."""
+        seq = sequence.tolist()
+        problems, verified, fed, prefix = [], set(), set(), 0  # prefix: positions 0.. fed on the sequence
+        for number, p in enumerate(self.passes):
+            if min(p.positions) > prefix:  # its context holds a token the sequence does not
+                continue
+            matches = [pos < len(seq) and tok == seq[pos] for tok, pos in zip(p.tokens, p.positions)]
+            for i, (pos, choice) in enumerate(zip(p.positions, p.choices)):
+                if not all(matches[j] for j in p.ancestors[i].nonzero().flatten().tolist()):
+                    continue
+                fed.add(pos)
+                target = pos + 1
+                if target < prompt_length or target >= len(seq) or choice < 0:
+                    continue
+                verified.add(target)
+                if choice != seq[target]:
+                    problems.append(
+                        f"token {target - prompt_length} ({seq[target]}) is not the verifier's argmax ({choice}) "
+                        f"in pass {number}"
+                    )
+            while prefix in fed:
+                prefix += 1
+        problems += [
+            f"token {t - prompt_length} ({seq[t]}) was verified by no pass"
+            for t in range(prompt_length, len(seq))
+            if t not in verified
+        ]
+        return problems
 
 
 @torch.inference_mode()
@@ -121,6 +229,7 @@ class _Method:
     name: str
     k: int | None
     measure: Callable[[list[torch.Tensor], bool], _Measured]  # measure(prompts, warmup)
+    batched: bool = False
 
 
 def run_bench(
@@ -148,7 +257,9 @@ def run_bench(
     The methods take turns prompt by prompt (batch by batch), so that a slow spell of a shared machine
     falls on all of them alike. `repeats` > 1: every method is run over all prompts that many times and
     each row reports its median run. `verification_cost` (from `verification_costs`, widths k + 1) adds the
-    width-charged ideal speedup. `progress`: a bar on a terminal, a line every 30 s otherwise."""
+    width-charged ideal speedup. `progress`: a bar on a terminal, a line every 30 s otherwise.
+    In half precision a row whose output differs on some prompts runs those prompts again (batch 1 rows)
+    under `VerifierPasses` (see `BenchResult.verified_in_pass`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     methods = [_Method("verifier alone", None, lambda chunk, warm: _Measured(*_run(verifier, chunk, max_new_tokens)))]
@@ -210,7 +321,8 @@ def run_bench(
         ]
         for label, draft, batch_tree in runs:
             measure = partial(_batched_run, verifier, draft, batch_size, batch_tree, max_new_tokens)
-            methods.append(_Method(label, None if batch_tree is None else _tree_depth(batch_tree), measure))
+            depth = None if batch_tree is None else _tree_depth(batch_tree)
+            methods.append(_Method(label, depth, measure, batched=True))
 
     if warmup:  # first calls pay for allocations and lazy initialisation
         _run(verifier, prompts[:1], 8)
@@ -231,12 +343,23 @@ def run_bench(
     tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(reference, prompts))
     forward_s = base_s / tokens  # one verifier forward pass per token when decoding alone
 
+    dtype = str(verifier.dtype).removeprefix("torch.")
     results = []
     for method, runs_of_method in zip(methods, measured):
         run = _median_run(runs_of_method)
         n = sum(o.shape[1] - p.shape[1] for o, p in zip(run.outputs, prompts))
-        exact = all(torch.equal(a, b) for r in runs_of_method for a, b in zip(r.outputs, reference))
-        result = BenchResult(method.name, method.k, None, n, run.seconds, n / run.seconds, base_s / run.seconds, exact)
+        differing = [
+            i for i, ref in enumerate(reference) if any(not torch.equal(r.outputs[i], ref) for r in runs_of_method)
+        ]
+        result = BenchResult(
+            method.name, method.k, None, n, run.seconds, n / run.seconds, base_s / run.seconds, not differing,
+            dtype=dtype, prompts=len(prompts), prompts_differing=len(differing),
+        )  # fmt: skip
+        if differing and result.half_precision and not method.batched:
+            problems = _verify_in_pass(verifier, method, [prompts[i] for i in differing])
+            result.verified_in_pass = not problems
+            if problems:
+                result.extra["not_verified"] = problems[:5]
         if method is methods[0]:  # the verifier alone: one token per forward pass
             result.tau = 1.0
         if run.stats is not None:
@@ -256,6 +379,17 @@ def run_bench(
             result.extra["seconds_of_each_run"] = [r.seconds for r in runs_of_method]
         results.append(result)
     return results
+
+
+def _verify_in_pass(verifier: Any, method: _Method, prompts: list[torch.Tensor]) -> list[str]:
+    """`method` run again on `prompts`, one at a time, under `VerifierPasses`: its tokens that were not the
+    verifier's argmax in the pass that verified them."""
+    problems = []
+    for prompt in prompts:
+        with VerifierPasses(verifier) as passes:
+            output = method.measure([prompt], False).outputs[0]
+        problems += passes.mismatches(prompt.shape[1], output[0])
+    return problems
 
 
 def _median_run(runs: list[_Measured]) -> _Measured:
@@ -383,6 +517,21 @@ def _number(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def identity(result: BenchResult) -> str:
+    """The "identical" column: "yes", "NO" (the guarantee is broken), or in half precision, where the verifier's
+    multi-token passes decide (as in every speculative decoder), how many prompts differ and whether each of
+    their tokens was re-checked to be the verifier's argmax in the pass that verified it."""
+    if result.exact:
+        return "yes"
+    if result.failed:
+        return "NO"
+    checked = "each token the verifier's argmax in its pass" if result.verified_in_pass else "batch rows not re-checked"
+    return (
+        f"differs at {result.prompts_differing} of {result.prompts} prompts ({result.dtype}: expected at near-ties; "
+        f"{checked})"
+    )
+
+
 def markdown_table(results: list[BenchResult]) -> str:
     """One row per method and k: the table `speculators-hf bench` prints and BENCHMARKS.md quotes."""
     head = (
@@ -394,7 +543,7 @@ def markdown_table(results: list[BenchResult]) -> str:
         ratio = r.measured_over_ideal
         rows.append(
             f"| {r.method} | {r.k or ''} | {_number(r.drafted_per_round, '.2f')} | {_number(r.tau, '.2f')} | "
-            f"{r.tokens_per_s:.1f} | {r.speedup:.2f}x | {'yes' if r.exact else 'NO'} | {_number(r.cost_ratio, '.3f')} | "
+            f"{r.tokens_per_s:.1f} | {r.speedup:.2f}x | {identity(r)} | {_number(r.cost_ratio, '.3f')} | "
             f"{_number(r.ideal_speedup, '.2f')}{'x' if r.ideal_speedup else ''} | "
             f"{_number(r.ideal_speedup_width_charged, '.2f')}{'x' if r.ideal_speedup_width_charged else ''} | "
             f"{'' if ratio is None else f'{ratio:.0%}'} |"
@@ -462,7 +611,7 @@ def plot_results(results: list[BenchResult], meta: dict[str, Any], path: Path) -
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 5.2))
     ax = axes[0]
     order = sorted(best.values(), key=lambda r: r.speedup)
-    colors = ["tab:green" if r.exact else "tab:red" for r in order]
+    colors = ["tab:red" if r.failed else "tab:green" for r in order]
     ax.barh([r.method for r in order], [r.speedup for r in order], color=colors)
     for i, r in enumerate(order):
         ax.text(r.speedup, i, f" {r.speedup:.2f}x" + (f" (k={r.k})" if r.k else ""), va="center", fontsize=7)

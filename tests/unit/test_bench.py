@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import make_prompts, make_verifier
 
 import speculators_hf as sh
@@ -168,3 +169,94 @@ def test_trees_are_skipped_for_drafts_that_draft_chains_in_one_pass():
         False,
     ]
     assert _can_draft(eagle3, "dynamic:3:2:4")
+
+
+def test_bench_in_half_precision_reports_differences_without_failing():
+    """bfloat16: near-ties decided the other way in the verifier's multi-token passes make rows differ from the
+    verifier alone; the column says how many prompts and that every token was the verifier's argmax in its pass,
+    and the row does not fail (the command exits 0). The batch row is reported, not re-checked."""
+    from test_half_precision import NearTieFlips, near_copy
+
+    from speculators_hf.bench import identity
+
+    verifier = make_verifier().to(torch.bfloat16)
+    draft = near_copy(verifier)
+    with NearTieFlips(verifier, margin=0.5):
+        results = run_bench(
+            verifier, make_prompts(6, seed=4), {"copy": draft}, [4], max_new_tokens=16, prompt_lookup=False,
+            trees=["chain:4"], batch_size=2, progress=False,
+        )  # fmt: skip
+    rows = {r.method: r for r in results}
+    differing = [r for r in results if not r.exact]
+    assert rows["copy"] in differing and rows["copy (tree chain:4)"] in differing
+    for r in differing:
+        assert r.dtype == "bfloat16" and r.prompts == 6 and 0 < r.prompts_differing <= 6 and not r.failed
+        assert identity(r).startswith(f"differs at {r.prompts_differing} of 6 prompts (bfloat16: expected at near-ties")
+    assert rows["copy"].verified_in_pass and "each token the verifier's argmax in its pass" in identity(rows["copy"])
+    assert rows["copy (batch 2, tree chain:4)"].verified_in_pass is None
+    assert identity(rows["verifier alone"]) == "yes"
+    assert "| copy | 4 |" in markdown_table(results) and "| NO |" not in markdown_table(results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bench_flags_a_loop_that_emits_tokens_the_verifier_did_not_choose(monkeypatch, dtype):
+    """A broken own loop (every draft token accepted) is NO in float32 and in half precision alike; in float32
+    any difference is NO, even one the verifier's multi-token passes decided."""
+    from test_half_precision import NearTieFlips, accept_every_draft_token, near_copy
+
+    import speculators_hf.generation.loop as loop
+    from speculators_hf.bench import identity
+
+    verifier = make_verifier().to(dtype)
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    monkeypatch.setattr(loop, "accept_greedy", accept_every_draft_token)
+    results = run_bench(
+        verifier, make_prompts(3, seed=5), {"eagle3": draft}, [3], max_new_tokens=12, prompt_lookup=False,
+        trees=["chain:3"], progress=False,
+    )  # fmt: skip
+    broken = results[-1]
+    assert broken.method == "eagle3 (tree chain:3)" and not broken.exact and broken.failed
+    assert identity(broken) == "NO" and "| NO |" in markdown_table(results)
+    assert not any(r.failed for r in results[:-1])
+    if dtype == torch.bfloat16:
+        assert broken.verified_in_pass is False
+        assert "is not the verifier's argmax" in broken.extra["not_verified"][0]
+    else:  # float32: the guarantee is identity, whatever decided the difference
+        monkeypatch.undo()
+        copy_draft = near_copy(verifier)
+        with NearTieFlips(verifier, margin=0.5):
+            flipped = run_bench(
+                verifier, make_prompts(6, seed=4), {"copy": copy_draft}, [4], max_new_tokens=16, prompt_lookup=False,
+                progress=False,
+            )  # fmt: skip
+        assert not flipped[1].exact and flipped[1].failed and identity(flipped[1]) == "NO"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_cli_exits_non_zero_only_when_the_guarantee_is_broken(monkeypatch, tmp_path, capsys, dtype):
+    """`speculators-hf bench` on the zoo with near-ties decided the other way in the verifier's multi-token passes:
+    in bfloat16 the rows that differ say so and the command exits 0; in float32 they are NO and it exits 1."""
+    from test_half_precision import NearTieFlips
+
+    import speculators_hf.bench as bench
+    from speculators_hf.cli import main
+
+    original = bench.run_bench
+
+    def with_flips(verifier, *args, **kwargs):
+        with NearTieFlips(verifier, margin=4.0):
+            return original(verifier, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_bench", with_flips)
+    args = ["bench", "--families", "eagle3", "--k", "4", "--num-prompts", "2", "--max-new-tokens", "16",
+            "--dtype", dtype, "--out", str(tmp_path)]  # fmt: skip
+    code = main(args)
+    captured = capsys.readouterr()
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["verifier alone", "prompt lookup", "eagle3"]
+    assert rows[2]["prompts_differing"] > 0 and rows[2]["dtype"] == dtype
+    if dtype == "bfloat16":
+        assert code == 0 and "differs at" in captured.out and "| NO |" not in captured.out
+        assert rows[2]["verified_in_pass"] is True
+    else:
+        assert code == 1 and "| NO |" in captured.out and "NOT identical to the verifier alone" in captured.err
