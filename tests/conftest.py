@@ -108,33 +108,37 @@ def verifier() -> PreTrainedModel:
     return make_verifier("llama")
 
 
+# the words of `tiny_tokenizer`'s vocabulary (tests build text from them)
+TOKENIZER_WORDS = [
+    "the",
+    "a",
+    "draft",
+    "model",
+    "verifier",
+    "token",
+    "fast",
+    "speculative",
+    "decoding",
+    "is",
+    "exact",
+    "and",
+    "same",
+    "output",
+    "text",
+    "runs",
+    "on",
+    "cpu",
+    "gpu",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A real fast tokenizer (word-level, trained here on a few sentences) of vocabulary <= VOCAB."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = [
-        "the",
-        "a",
-        "draft",
-        "model",
-        "verifier",
-        "token",
-        "fast",
-        "speculative",
-        "decoding",
-        "is",
-        "exact",
-        "and",
-        "same",
-        "output",
-        "text",
-        "runs",
-        "on",
-        "cpu",
-        "gpu",
-    ]
+    words = TOKENIZER_WORDS
     corpus = [" ".join(random.Random(i).choices(words, k=12)) for i in range(200)]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_verifier
+from conftest import TOKENIZER_WORDS, make_verifier
 from safetensors.torch import load_file, save_file
 
 from speculators_hf.cli import main
@@ -57,26 +57,7 @@ def tiny_chat_verifier(folder: Path, tokenizer) -> None:
 def write_chats(path: Path, n: int = 12) -> None:
     import random
 
-    words = [
-        "the",
-        "a",
-        "draft",
-        "model",
-        "verifier",
-        "token",
-        "fast",
-        "speculative",
-        "decoding",
-        "is",
-        "exact",
-        "and",
-        "same",
-        "output",
-        "text",
-        "runs",
-        "on",
-        "cpu",
-    ]
+    words = [w for w in TOKENIZER_WORDS if w != "gpu"]
     chats = [
         {"messages": [{"role": "user", "content": " ".join(random.Random(i).choices(words, k=8))}]} for i in range(n)
     ]
