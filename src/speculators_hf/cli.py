@@ -24,8 +24,15 @@ from .arguments import (
     positive_int,
     tree_spec,
 )
+from .cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
+from .cpu_kernels import use_cpu_kernels
 from .prompts import prompt_ids, use_chat
 
+CPU_KERNELS_HELP = (
+    "linear kernels on the CPU: onednn = float32 weights prepacked for oneDNN, as vLLM's CPU backend runs them "
+    "(a k-token verifier pass costs far less; the packed copy takes the weights' memory once more), torch = "
+    "PyTorch's stock linear, auto (default) = onednn where this torch build has it"
+)
 CODE_DEMO_PROMPT = "import os\nimport sys\n\ndef main(argv):\n    "  # the zoo's domain: Python's stdlib and docs
 CHAT_DEMO_PROMPT = "Explain in a few sentences how a compiler turns source code into a program."
 
@@ -39,6 +46,16 @@ def left_padded(rows: list[list[int]], device: Any = None) -> tuple[torch.Tensor
         input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row) :] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _use_cpu_kernels(args: argparse.Namespace, *models: Any) -> str:
+    """--cpu-kernels, for the rest of the process (see `speculators_hf.cpu_kernels`); returns the kernels that run
+    ("onednn" or "torch") for the results' metadata."""
+    packed = use_cpu_kernels(args.cpu_kernels, *models)
+    if packed is None or not packed.count:
+        return "torch"
+    print(f"cpu kernels: oneDNN, {packed.count} linears prepacked ({packed.packed_bytes / 2**20:.0f} MiB)")
+    return "onednn"
 
 
 def _builtin_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -106,6 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"k={draft.config.speculative_tokens} tokens per round")  # fmt: skip
     from .bench import identity, machine_description, run_bench
 
+    _use_cpu_kernels(args, verifier, draft)
     k = int(draft.config.speculative_tokens)
     # the bench's machinery: a warm-up, then the two methods take turns `repeats` times; median run of each,
     # and "identical" compares every run's output with the verifier alone, token for token
@@ -188,6 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     widths = [k + 1 for k in k_values if isinstance(k, int)]
     widths += [TreeSpec.parse(t).num_nodes + 1 for t in args.tree or [] if auto_depth(t) is None]
     widths += list(CALIBRATION_WIDTHS) if adaptive else []  # auto rows draft any length
+    kernels = _use_cpu_kernels(args, verifier, assistant_lm, *drafts.values())
     costs = verification_costs(verifier, widths)  # first: it also warms the verifier up
     results = run_bench(
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
@@ -203,6 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "verification_cost": costs,
+        "cpu_kernels": kernels,
     }
     out = write_report(results, args.out, meta)
     print(markdown_table(results))
@@ -228,6 +248,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = args.prompt or ["def fibonacci(n):\n    "]
         id_rows = [list(range(3, 3 + 8 + len(t) % 8)) for t in texts]
     input_ids, attention_mask = left_padded(id_rows, verifier.device)
+    _use_cpu_kernels(args, verifier, draft)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": args.do_sample}
@@ -388,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--dtype", default="auto", help="torch dtype for Hub models (auto, float32, bfloat16, ...)")
     demo.add_argument("--device", default=None, help="device for Hub models (cpu, cuda, ...)")
+    demo.add_argument("--cpu-kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNELS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser(
@@ -428,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "depth:top_k:total_tokens[:beam], a JSON list of rank paths, or auto[:max] = chosen round by round for speed "
         "on this machine); repeatable",
     )  # fmt: skip
+    bench.add_argument("--cpu-kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNELS_HELP)
     bench.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser(
@@ -457,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.add_argument("--dtype", default="auto", help="torch dtype for Hub models (auto, float32, bfloat16, ...)")
     gen.add_argument("--device", default=None, help="device for Hub models (cpu, cuda, ...)")
+    gen.add_argument("--cpu-kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNELS_HELP)
     gen.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser(

@@ -10,6 +10,7 @@ from conftest import make_verifier
 
 import speculators_hf as sh
 from speculators_hf.cli import main
+from speculators_hf.cpu_kernels import onednn_linear_available
 
 
 def test_demo_is_exact_and_says_what_it_measured(capsys):
@@ -76,6 +77,7 @@ def test_bench_cli_on_the_zoo(tmp_path, capsys):
     assert "| eagle3 (tree dynamic:3:2:4:1) | 3 |" in printed and "tokens verified in one pass" in printed
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["repeats"] == 2 and sorted(meta["verification_cost"]) == ["1", "3", "5"]
+    assert meta["cpu_kernels"] == ("onednn" if onednn_linear_available() else "torch")  # the default, auto
 
 
 def test_bench_cli_auto_rows(tmp_path, capsys):
@@ -142,3 +144,13 @@ def test_key_value_options_are_refused_in_one_line_without_an_equals_sign(argv, 
         main(argv)
     assert err.value.code == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kernels", ["torch", "onednn"])
+def test_generate_checks_its_output_with_either_cpu_kernels(kernels, capsys):
+    if kernels == "onednn" and not onednn_linear_available():
+        pytest.skip("this torch has no oneDNN linear")
+    assert main(["generate", "--cpu-kernels", kernels, "--check", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to the verifier alone: yes" in out
+    assert ("linears prepacked" in out) == (kernels == "onednn")

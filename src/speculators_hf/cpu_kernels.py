@@ -1,0 +1,173 @@
+"""oneDNN prepacked linears for CPU generation: the kernel vLLM's CPU backend runs, for transformers models.
+
+PyTorch's CPU `linear` hands the weight, as stored, to MKL's sgemm. For the few rows of a speculative round
+(k + 1 tokens) that costs far more than one row: on this project's 2-core AMD EPYC (one thread) a 6144x384
+layer took 277 us for 1 row and 1356 us for 6 rows, SmolLM2's 49152x576 lm_head 10.7 ms and 19.7 ms. Reordered
+once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, called through
+`torch.ops.mkldnn._linear_pointwise`), the same products took 160/300 us and 7.4/6.3 ms
+(`python benchmarks/cpu_kernels.py` prints these for the machine it runs on). What a round pays to verify k
+tokens at once (the "width cost") is mostly this, and it is why vLLM-CPU ran the zoo's EAGLE-3 draft faster
+than transformers: vLLM prepacks every linear with oneDNN (`dispatch_cpu_unquantized_gemm` in
+vllm/model_executor/layers/utils.py, 0.32: `create_onednn_mm(weight.t(), 32)`).
+
+`prepack_linears(verifier, draft)` gives every float32 `nn.Linear` of the models on the CPU a packed copy of its
+weight and a forward that uses it; the parameters, `state_dict()` and saving are untouched, so the packed copy
+costs the linears' memory once more (the weights of a 135M verifier: 0.5 GB). It speeds up both loops
+(`verifier.generate(..., assistant_model=draft)` and `speculators_hf.generate`) and the verifier alone.
+A linear falls back to `torch.nn.functional.linear` where the packed kernel does not apply: autograd recording
+(training), another dtype or device, or a weight changed in place since it was packed (its version counter moved;
+the copy is then re-packed on the next call). `restore()` (or leaving the `with` block) puts the stock forwards
+back.
+
+Exactness: the packed kernel sums in another order than MKL's, so its logits differ from the stock ones in the
+last bits (about 1e-6 relative), as a k-token pass already differs from k one-token passes. Greedy output is
+identical wherever the verifier's top two logits are not tied to that precision; `benchmarks/half_precision.py
+--cpu-kernels onednn` measures it (float32: identical on every prompt measured, see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# the number of rows oneDNN's blocked layout is tuned for: a round verifies k + 1 = 4..8 tokens; 8 kept 1 and 64
+# rows as fast as the best hint for each (1 row: 172 us with hint 8, 177 with hint 1; 6 rows: 312 vs 1687)
+ROWS_HINT = 8
+
+
+class CpuKernelError(RuntimeError):
+    """The oneDNN linear is unavailable or disagrees with torch's on this machine."""
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has the oneDNN (mkldnn) linear `prepack_linears` needs."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` [out, in] in oneDNN's blocked layout for products of about `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+class _PackedForward:
+    """The forward of one packed `nn.Linear` (held by the module as `forward`, so it is not a submodule)."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+        self.stock = module.forward
+        self.packed: torch.Tensor | None = None
+        self.version = -1
+        self.pack()
+
+    def pack(self) -> None:
+        weight = self.module.weight.detach()
+        self.packed = _reorder(weight, ROWS_HINT)
+        self.version = self.module.weight._version
+
+    def usable(self, x: torch.Tensor) -> bool:
+        weight = self.module.weight
+        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32:
+            return False
+        if weight.device.type != "cpu":
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.usable(x):
+            return self.stock(x)
+        if self.module.weight._version != self.version:
+            self.pack()
+        bias = self.module.bias
+        return torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, None if bias is None else bias.detach(), "none", [], ""
+        )
+
+
+class PackedLinears:
+    """The linears `prepack_linears` packed: `restore()` gives them their stock forward back; a context manager."""
+
+    def __init__(self, forwards: list[_PackedForward]):
+        self._forwards = forwards
+
+    @property
+    def count(self) -> int:
+        return len(self._forwards)
+
+    @property
+    def packed_bytes(self) -> int:
+        """The memory the packed copies take."""
+        return sum(f.module.weight.numel() * f.module.weight.element_size() for f in self._forwards)
+
+    def restore(self) -> None:
+        for f in self._forwards:
+            if f.module.__dict__.get("forward") is f:
+                del f.module.forward
+        self._forwards = []
+
+    def __enter__(self) -> PackedLinears:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return f"PackedLinears({self.count} linears, {self.packed_bytes / 2**20:.1f} MiB packed)"
+
+
+def _check(forward: _PackedForward) -> None:
+    """One product through the packed kernel against torch's: a torch build whose private op changed fails
+    here, before any token is generated with it."""
+    weight = forward.module.weight.detach()
+    x = torch.linspace(-1, 1, 3 * weight.shape[1], dtype=weight.dtype).reshape(3, -1)
+    with torch.no_grad():
+        got, want = forward(x), forward.stock(x)
+    scale = want.abs().max().item() or 1.0
+    if got.shape != want.shape or (got - want).abs().max().item() > 1e-4 * scale:
+        raise CpuKernelError(
+            f"oneDNN's packed linear disagrees with torch's on this machine (torch {torch.__version__}); "
+            "run without prepack_linears (--cpu-kernels torch)"
+        )
+
+
+def prepack_linears(*models: nn.Module) -> PackedLinears:
+    """Pack every float32 `nn.Linear` on the CPU in `models` (shared modules once) for oneDNN; see the module
+    docstring. Modules on another device or in another dtype are left alone. Raises `CpuKernelError` where the
+    torch build has no oneDNN linear or it gives other products than torch's."""
+    if not onednn_linear_available():
+        raise CpuKernelError(
+            f"this torch build ({torch.__version__}) has no oneDNN linear (torch.backends.mkldnn); "
+            "run without prepack_linears (--cpu-kernels torch)"
+        )
+    forwards: list[_PackedForward] = []
+    seen: set[int] = set()
+    try:
+        for model in models:
+            for module in model.modules():
+                if not isinstance(module, nn.Linear) or id(module) in seen or "forward" in module.__dict__:
+                    continue  # not a linear, already seen, or its forward already replaced (by us or a hook)
+                seen.add(id(module))
+                weight = module.weight
+                if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.is_meta:
+                    continue
+                forward = _PackedForward(module)
+                _check(forward)
+                vars(module)["forward"] = forward  # an instance attribute: nn.Module.__call__ finds it first
+                forwards.append(forward)
+    except BaseException:
+        PackedLinears(forwards).restore()
+        raise
+    return PackedLinears(forwards)
+
+
+CHOICES = ("auto", "onednn", "torch")
+
+
+def use_cpu_kernels(kind: str, *models: nn.Module | None) -> PackedLinears | None:
+    """The CLI's --cpu-kernels: "onednn" packs the models' linears (`prepack_linears`), "torch" leaves them as they
+    are (returns None), "auto" packs where this torch build has the oneDNN linear. None models are skipped."""
+    if kind not in CHOICES:
+        raise ValueError(f"cpu kernels {kind!r}: choose one of {', '.join(CHOICES)}")
+    if kind == "torch" or (kind == "auto" and not onednn_linear_available()):
+        return None
+    return prepack_linears(*(m for m in models if m is not None))
