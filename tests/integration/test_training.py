@@ -145,6 +145,21 @@ def test_cached_features_equal_on_the_fly(setup, tmp_path):
     assert first.stat().st_mtime_ns == stamp
 
 
+def test_features_of_other_blocks_are_recomputed_and_refused(setup, tmp_path):
+    """Data rebuilt into the same folder (another --limit, other records): the shards of blocks that changed are
+    computed again, and a dataset never pairs blocks with the states of others."""
+    verifier, ids, mask, _ = setup
+    layers = sh.Eagle3Speculator.from_verifier(verifier).verifier_layer_ids()
+    folder = cache_features(verifier, ids[:8], layers, tmp_path, shard_blocks=4, dtype=torch.float32)
+    rebuilt = torch.cat([ids[:4], ids[8:12]])  # the second shard's blocks changed
+    with pytest.raises(DataError, match=r"other blocks than the data's.*--cache-features"):
+        DraftDataset(rebuilt, mask[:8], folder)
+    cache_features(verifier, rebuilt, layers, tmp_path, shard_blocks=4, dtype=torch.float32)
+    expected = verifier_features(verifier, rebuilt[5:6], layers)
+    for got, want in zip(DraftDataset(rebuilt, mask[:8], folder)[5]["features"], expected):
+        torch.testing.assert_close(got, want[0])
+
+
 def test_select_draft_vocab_takes_most_frequent_targets():
     verifier = make_verifier()
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=3)

@@ -464,14 +464,27 @@ def write_feature_shards(
     print(f"caching verifier hidden states {ids}: {blocks} blocks{part}, about {total / 2**20:.1f} MiB in {out}")
     for shard in tqdm(mine, desc="verifier hidden states", unit="shard"):
         path = out / f"shard-{shard:05d}.safetensors"
-        if path.exists():
-            continue
         start = starts[shard]
-        states = compute(input_ids[start : start + shard_blocks], start)
+        chunk = input_ids[start : start + shard_blocks]
+        if path.exists() and _shard_holds(path, chunk):
+            continue
+        states = compute(chunk, start)
         tensors = {f"hidden.{i}": s.to(dtype).contiguous() for i, s in zip(ids, states)}
         tensors["block_index"] = torch.arange(start, start + states[0].shape[0])
+        tensors["input_ids"] = chunk.contiguous()  # what the states are of: a rerun on other data recomputes
         _atomic_save(tensors, path)
     return out
+
+
+def _shard_holds(path: Path, input_ids: torch.Tensor) -> bool:
+    """Whether the feature shard at `path` was computed for these blocks (shards written before the blocks were
+    stored in them are trusted, as before)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if "input_ids" not in set(f.keys()):
+            return True
+        return torch.equal(f.get_tensor("input_ids"), input_ids)
 
 
 class DraftDataset(torch.utils.data.Dataset):
@@ -503,6 +516,13 @@ class DraftDataset(torch.utils.data.Dataset):
             if stacked[0].shape[0] != input_ids.shape[0]:
                 raise DataError(
                     f"{feature_dir} holds {stacked[0].shape[0]} blocks, the data {input_ids.shape[0]}: re-run caching"
+                )
+            if all("input_ids" in s for s in loaded) and not torch.equal(
+                torch.cat([s["input_ids"] for s in loaded]), input_ids
+            ):
+                raise DataError(
+                    f"{feature_dir} holds the hidden states of other blocks than the data's (the data was rebuilt "
+                    "after they were cached): re-run `speculators-hf data ... --cache-features` to recompute them"
                 )
             self.features = [list(x) for x in zip(*stacked)]
 
