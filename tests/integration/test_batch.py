@@ -33,7 +33,8 @@ DRAFTS = {
     "medusa": lambda v: sh.MedusaSpeculator.from_verifier(v, medusa_num_heads=4),
     "independent-perturbed": perturbed_copy,
 }
-# drafts that propose a whole chain in one forward pass (chains only: they define no trees)
+# drafts that propose a chain from one forward pass (P-EAGLE and DFlash: chains only; DSpark and DFlash2 also grow
+# trees, tested in tests/unit/test_dspark_trees.py)
 PARALLEL_DRAFTS = {
     "peagle": lambda v: sh.PEagleSpeculator.from_verifier(v, draft_vocab_size=64),
     "dflash": lambda v: sh.DFlashSpeculator.from_verifier(v, draft_vocab_size=64, block_size=6),

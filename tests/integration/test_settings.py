@@ -85,7 +85,7 @@ def test_greedy_exact_with_each_setting_on_every_path(setting, draft_name):
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("draft_name", list(PARALLEL_DRAFTS))
 def test_greedy_exact_with_each_setting_for_parallel_drafters(setting, draft_name):
-    """The drafts that propose a chain in one pass (P-EAGLE, DFlash): their chains, in both loops and batches."""
+    """The drafts that propose from one block or pass (P-EAGLE, DFlash, DSpark, DFlash2): chains, both loops, batches."""
     verifier, prompts = _early_eos_verifier()
     draft = PARALLEL_DRAFTS[draft_name](verifier)
     kwargs = SETTINGS[setting]

@@ -236,13 +236,6 @@ def test_rounds_in_transformers_loop_match_drafting_from_scratch():
     assert_rounds_match_recomputation(verifier, draft)
 
 
-def test_trees_are_refused_with_the_fix():
-    verifier = make_verifier()
-    draft = sh.DFlash2Speculator.from_verifier(verifier, selector_rank=8)
-    with pytest.raises(ValueError, match="defines no trees; use a chain"):
-        sh.generate(verifier, draft, make_prompts(1)[0], tree="dynamic:3:2:4", max_new_tokens=4)
-
-
 def _sampled_pit(
     top_k: int | None = None, temperature: float = 1.0, accepted: int = 300, **warp
 ) -> tuple[float, float]:

@@ -197,24 +197,18 @@ def test_rounds_in_transformers_loop_match_drafting_from_scratch():
     assert_rounds_match_recomputation(verifier, strong_markov(draft))
 
 
-def test_trees_are_refused_with_the_fix():
-    verifier = make_verifier()
-    draft = sh.DSparkSpeculator.from_verifier(verifier, markov_rank=8)
-    with pytest.raises(ValueError, match="defines no trees; use a chain"):
-        sh.generate(verifier, draft, make_prompts(1)[0], tree="dynamic:3:2:4", max_new_tokens=4)
-
-
-def _sampled_pit() -> tuple[float, float]:
-    """KS statistic (and critical value) of the PIT values of 150 sampled continuations with a draft that
-    proposes the verifier's own distribution (`bigram_pair`), so most tokens are drafted ones."""
-    verifier, draft = bigram_pair(pad_token_id=None, eos_token_id=None)
+def _sampled_pit(tree="chain:4", kind: str = "vanilla", accepted: int = 500) -> tuple[float, float]:
+    """KS statistic (and critical value) of the PIT values of 150 sampled continuations drafted as `tree` (trees:
+    `test_dspark_trees.py`) with a draft that proposes the verifier's own distribution (`bigram_pair`), so many
+    tokens (more than `accepted`) are drafted ones."""
+    verifier, draft = bigram_pair(kind, pad_token_id=None, eos_token_id=None)
     prompt = make_prompts(1, seed=3)[0]
     torch.manual_seed(0)
     out = sh.generate(
-        verifier, draft, prompt.expand(150, -1), tree="chain:4", max_new_tokens=8, do_sample=True, top_k=0,
+        verifier, draft, prompt.expand(150, -1), tree=tree, max_new_tokens=8, do_sample=True, top_k=0,
         return_dict_in_generate=True,
     )  # fmt: skip
-    assert out.stats.accepted_tokens > 500
+    assert out.stats.accepted_tokens > accepted, out.stats
     values = sampling_pit_values(verifier, [row[None] for row in out.sequences], prompt.shape[1], 1.0)
     return ks_uniform_statistic(values), ks_critical_value(len(values), 1e-3)
 

@@ -425,7 +425,7 @@ def adaptive_drafting(
     depth = max_depth or max(2 * int(draft.config.speculative_tokens or 5), 8)
     limit = draft.max_tree_depth()
     depth = depth if limit is None else min(depth, limit)
-    trees = trees and not getattr(draft, "drafts_in_parallel", False)  # parallel drafters draft chains only
+    trees = trees and getattr(draft, "drafts_trees", True)  # P-EAGLE and DFlash draft chains only
     if frozen():
         return AdaptiveDrafting(DraftingCosts(verifier_calibration(verifier, batch_size)), depth, trees, frozen=True)
     costs = drafting_costs(verifier, draft, batch_size, loop="own" if trees else "transformers")

@@ -227,6 +227,7 @@ class DFlashSpeculator(DraftVocabulary, SpeculatorModel):
         ("draft vocabulary (`draft_vocab_size`)", "draft_vocab_size"),
     )
     drafts_in_parallel = True  # a chain's later tokens come from the same block (`parallel_logits`)
+    drafts_trees = False  # one block holds one chain
     max_train_anchors = 64  # blocks trained per sequence and step (the library samples up to 512 per pack)
     loss_gamma = 4.0  # slot k weighted exp(-(k - 1) / gamma) (the library's default for DFlash)
 

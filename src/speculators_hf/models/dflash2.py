@@ -34,7 +34,10 @@ picked before it, zero elsewhere. vLLM 0.32's speculators reader registers `dfla
 Drafting: the block is one pass, as DFlash's (`extend_block`), but slot k's scores need the token picked at slot
 k - 1, so a chain is picked token by token: `tree_extend` returns the first predicting slot's logits after the
 newest token, `tree_expand` those of the next slot after the token just picked, and `parallel_logits` returns
-None so the chain takes that path. Trees are refused, as DFlash's.
+None so the chain takes that path. The same step grows token trees (dynamic or static, at most `tokens_per_block`
+deep): the logits after a node are its depth's slot rescored after the node's own token (no state travels along
+the path), so siblings branch as a chain's tokens do (`drafts_trees`); tree ranks beyond `selector_top_k` pick
+tokens the draft gives probability 0.
 
 Training (`training_loss`): DFlash's blocks at random anchors, slot weights and token loss on the unary logits,
 plus the selector's K-way loss; predecessors and targets are the data's tokens (teacher forcing, as the library,
@@ -210,7 +213,7 @@ class DFlash2Speculator(DFlashSpeculator):
         "the block's slots (`conv_kernel_size` taps, one kernel per `conv_group_size` channels), and a candidate "
         "selector rescores each slot's `selector_top_k` most likely tokens by the token picked before them (rank "
         "`selector_rank`), so the chain is picked token by token from one block pass. It borrows the verifier's "
-        "token embedding and lm_head (its vocabulary is the verifier's). Chains only."
+        "token embedding and lm_head (its vocabulary is the verifier's). Drafts chains and token trees."
     )
     vllm_serving = VllmServing(
         method=None,
@@ -229,6 +232,7 @@ class DFlash2Speculator(DFlashSpeculator):
         ("selector candidates (`selector_top_k`)", "selector_top_k"),
         ("selector rank (`selector_rank`)", "selector_rank"),
     )
+    drafts_trees = True  # each depth is a step from the node's own token: trees branch
 
     def __init__(self, config: DFlash2SpeculatorConfig):
         super().__init__(config)

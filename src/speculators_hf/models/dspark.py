@@ -26,8 +26,10 @@ gated and rnn heads say so (`convert/specs/speculators_dspark.yaml`).
 Drafting: the block is one pass, as DFlash's (`extend_block`), but slot k's bias needs the token picked at slot
 k - 1, so a chain is picked token by token: `tree_extend` returns the first slot's logits with the bias of the
 newest token, `tree_expand` adds to the next slot's the bias of the token just picked (the rnn state travels as
-the handle), and `parallel_logits` returns None so the chain takes that path. A step costs one r x Vd product.
-Trees are refused, as DFlash's.
+the handle), and `parallel_logits` returns None so the chain takes that path. A step costs one r x Vd product
+per node. The same step grows token trees (dynamic or static, at most `tokens_per_block` deep): the logits after
+a node at depth d are those of the block's (d + 1)-th predicting slot (from the one block pass) plus the bias of
+the node's own token, its rnn state continuing its parent's (`drafts_trees`).
 
 Training (`training_loss`): DFlash's blocks at random anchors and slot weights; the biases read the data's tokens
 (teacher forcing, as the library); the confidence target is the draft's probability of the data's token
@@ -142,7 +144,7 @@ class DSparkSpeculator(DFlashSpeculator):
         "gated and rnn also read the slot's state), so the chain is picked token by token from one block pass. A "
         "confidence head (`enable_confidence_head`) predicts each slot's acceptance rate. A block proposes "
         "`block_size` tokens (`sample_from_anchor`). It borrows the verifier's token embedding, and its lm_head unless "
-        "`draft_vocab_size` is smaller. Chains only."
+        "`draft_vocab_size` is smaller. Drafts chains and token trees (each node biased by its own path)."
     )
     vllm_serving = VllmServing(
         method=None,
@@ -160,6 +162,7 @@ class DSparkSpeculator(DFlashSpeculator):
         ("Markov rank (`markov_rank`, 0: none)", "markov_rank"),
         ("confidence head (`enable_confidence_head`)", "enable_confidence_head"),
     )
+    drafts_trees = True  # each depth is a step from the node's own token (and rnn state): trees branch
 
     def __init__(self, config: DSparkSpeculatorConfig):
         super().__init__(config)
@@ -280,8 +283,9 @@ class DSparkSpeculator(DFlashSpeculator):
         depth: int,
         block: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, K, V] of the token after each of `tokens` [B, K] (at `depth`): the block's next slot plus the
-        Markov bias of that token (the block pass is not repeated)."""
+        """Logits [B, K, V] of the token after each of `tokens` [B, K] (tree nodes at `depth`): the block's next
+        slot plus the Markov bias of that token, the rnn state from the node's parent (`handles`); the block pass
+        is not repeated."""
         return self.slot_logits(state, int(not self.config.sample_from_anchor) + depth, tokens, handles)
 
     def slot_logits(
@@ -289,7 +293,7 @@ class DSparkSpeculator(DFlashSpeculator):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Verifier-vocab logits [B, K, V] of block slot `slot` after the tokens `previous` [B, K], and the rnn
         states after it (`handles` [B, K, r] before)."""
-        logits = state.tensors["block_logits"][:, slot, None]
+        logits = state.tensors["block_logits"][:, slot, None].expand(-1, previous.shape[1], -1)
         if self.markov_head is not None:
             hidden = state.tensors["block_hidden"][:, slot, None].expand(-1, previous.shape[1], -1)
             bias, handles = self.markov_head.step(self.markov_head.markov_w1(previous), hidden, handles)

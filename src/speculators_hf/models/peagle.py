@@ -85,6 +85,7 @@ class PEagleSpeculator(Eagle3Speculator):
         ("mask token (`mask_token_id`)", "mask_token_id"),
     )
     drafts_in_parallel = True  # `parallel_logits`: a chain's later tokens from one forward pass
+    drafts_trees = False  # the method defines no trees
     default_train_steps = 8  # parallel depths trained (speculators' num_depths)
 
     def __init__(self, config: PEagleSpeculatorConfig):

@@ -1,1 +1,1 @@
-../../blobs/40af3c06bf00d789769d199ceef4770f7e79e41df3a489fec8a85fa37c4afb05
+../../blobs/8aaa96b8301fee8745d546f71e7acc37e0efebb6cac5d739892acb61ffab6781
