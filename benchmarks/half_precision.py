@@ -4,7 +4,7 @@ our drafts and loops, transformers' assisted generation with a small LM and prom
     nice -n 10 python benchmarks/half_precision.py [--dtypes float32,bfloat16,float16] [--k 5] \
         [--zoo-prompts 24] [--zoo-tokens 64] [--families eagle3,dflash,peagle] [--tree dynamic:7:4:15:2] \
         [--smollm2 /work/smollm2] [--smollm2-prompts 16] [--smollm2-tokens 48] \
-        [--out benchmarks/results/half-precision/results.json] [--note "shared machine"]
+        [--cpu-kernels torch|onednn] [--out benchmarks/results/half-precision/results.json] [--note "shared machine"]
 
 Two verifiers: the benchmark zoo (`benchmarks/zoo/hub`, offline, its prompts; each zoo family's draft in
 transformers' loop and in the package's own loop, EAGLE-3 also with a tree; transformers' assisted generation
@@ -18,7 +18,9 @@ Per verifier, dtype and method: the prompts whose output differs from the verifi
 first difference on (a share of all new tokens), tau (new tokens per verifier forward pass, counted by a hook on
 the verifier), and the tokens that are not the verifier's argmax in the forward pass that verified them
 (`speculators_hf.bench.VerifierPasses`; 0 for a correct speculative decoder in every dtype). Also: the prompts
-whose output from the verifier alone changes between float32 and each half precision.
+whose output from the verifier alone changes between float32 and each half precision. `--cpu-kernels onednn`:
+the methods run with oneDNN prepacked linears (`speculators_hf.cpu_kernels`), compared with the verifier alone
+with torch's stock kernels (results-onednn.json).
 
 The file is rewritten after each method, and a rerun with the same settings resumes from it.
 """
@@ -40,6 +42,7 @@ import transformers
 import speculators_hf as sh
 from speculators_hf.bench import VerifierPasses, cpu_model
 from speculators_hf.prompts import chat_ids
+from speculators_hf.cpu_kernels import CHOICES, use_cpu_kernels
 from speculators_hf.zoo import load_zoo_draft, zoo_dir, zoo_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +101,10 @@ def small_lm(lm: Any, k: int) -> Any:
     return lm
 
 
-def zoo_setup(dtype: torch.dtype, args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], dict[str, Method]]:
+Setup = tuple[Any, list[torch.Tensor], dict[str, Method], list[Any]]  # verifier, prompts, methods, drafts/LMs
+
+
+def zoo_setup(dtype: torch.dtype, args: argparse.Namespace) -> Setup:
     drafts: dict[str, Any] = {}
     verifier = None
     for family in args.families:
@@ -116,10 +122,10 @@ def zoo_setup(dtype: torch.dtype, args: argparse.Namespace) -> tuple[Any, list[t
         methods[f"eagle3, own loop, tree {args.tree}"] = own_loop(verifier, drafts["eagle3"], args.tree, n)
     methods[f"transformers assisted, zoo small LM, k={k}"] = greedy(verifier, n, assistant_model=lm)
     methods[f"prompt lookup, k={k}"] = greedy(verifier, n, prompt_lookup_num_tokens=k)
-    return verifier, zoo_prompts()[: args.zoo_prompts], methods
+    return verifier, zoo_prompts()[: args.zoo_prompts], methods, [*drafts.values(), lm]
 
 
-def smollm2_setup(dtype: torch.dtype, args: argparse.Namespace) -> tuple[Any, list[torch.Tensor], dict[str, Method]]:
+def smollm2_setup(dtype: torch.dtype, args: argparse.Namespace) -> Setup:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     verifier = AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=dtype).eval()
@@ -137,7 +143,7 @@ def smollm2_setup(dtype: torch.dtype, args: argparse.Namespace) -> tuple[Any, li
         f"independent draft = copy of the verifier, own loop, chain:{k}": own_loop(verifier, ours, f"chain:{k}", n),
         f"prompt lookup, k={k}": greedy(verifier, n, prompt_lookup_num_tokens=k),
     }
-    return verifier, prompts, methods
+    return verifier, prompts, methods, [copy_lm, ours]
 
 
 def main() -> None:
@@ -152,6 +158,10 @@ def main() -> None:
     parser.add_argument("--smollm2-prompts", type=int, default=16)
     parser.add_argument("--smollm2-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--cpu-kernels", choices=CHOICES, default="torch", help="the methods' linears (speculators_hf.cpu_kernels); "
+        "the reference is always the verifier alone with torch's stock kernels",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/half-precision/results.json")
     parser.add_argument("--note", default="", help="e.g. 'shared machine' (stored with the figures)")
     args = parser.parse_args()
@@ -199,13 +209,14 @@ def main() -> None:
         entry = results["verifiers"].setdefault(name, {"label": label, "dtypes": {}})
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            verifier, prompts, methods = setup(dtype, args)
+            verifier, prompts, methods, drafts = setup(dtype, args)
             done = entry["dtypes"].setdefault(dtype_name, {"methods": {}})
             if "reference" not in done:
                 alone = greedy(verifier, args.zoo_tokens if name == "zoo" else args.smollm2_tokens)
                 with torch.inference_mode():
                     done["reference"] = [alone(p)[0, p.shape[1] :].tolist() for p in prompts]
                 save()
+            use_cpu_kernels(args.cpu_kernels, verifier, *drafts)  # after the reference: it stays stock
             for method, run in methods.items():
                 if method in done["methods"]:
                     continue

