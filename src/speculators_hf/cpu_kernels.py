@@ -15,8 +15,8 @@ weight and a forward that uses it; the parameters, `state_dict()` and saving are
 costs the linears' memory once more (the weights of a 135M verifier: 0.5 GB). It speeds up both loops
 (`verifier.generate(..., assistant_model=draft)` and `speculators_hf.generate`) and the verifier alone.
 A linear falls back to `torch.nn.functional.linear` where the packed kernel does not apply: autograd recording
-(training), another dtype or device, or a weight changed in place since it was packed (its version counter moved;
-the copy is then re-packed on the next call). `restore()` (or leaving the `with` block) puts the stock forwards
+(training), another dtype or device; a weight changed since it was packed (in place, or replaced: `load_state_dict`,
+`weight.data = ...`) is packed again on the next call. `restore()` (or leaving the `with` block) puts the stock forwards
 back.
 
 Exactness: the packed kernel sums in another order than MKL's, so its logits differ from the stock ones in the
@@ -57,13 +57,18 @@ class _PackedForward:
         self.module = module
         self.stock = module.forward
         self.packed: torch.Tensor | None = None
-        self.version = -1
+        self.version = (-1, 0)
         self.pack()
 
     def pack(self) -> None:
         weight = self.module.weight.detach()
         self.packed = _reorder(weight, ROWS_HINT)
-        self.version = self.module.weight._version
+        self.version = self._version()
+
+    def _version(self) -> tuple[int, int]:
+        """Changes when the weight does: an in-place edit moves its version counter, a new tensor its address."""
+        weight = self.module.weight
+        return weight._version, weight.data_ptr()
 
     def usable(self, x: torch.Tensor) -> bool:
         weight = self.module.weight
@@ -76,7 +81,7 @@ class _PackedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.usable(x):
             return self.stock(x)
-        if self.module.weight._version != self.version:
+        if self._version() != self.version:
             self.pack()
         bias = self.module.bias
         return torch.ops.mkldnn._linear_pointwise(

@@ -41,6 +41,11 @@ def test_a_weight_changed_in_place_is_packed_again():
         linear(x)
         linear.load_state_dict(other.state_dict())
         torch.testing.assert_close(linear(x), other(x), rtol=1e-5, atol=1e-5)
+        new = other.weight.detach() * 2
+        while new._version < linear.weight._version:  # a new tensor at the same version: only its address tells
+            new.mul_(1)
+        linear.weight.data = new
+        torch.testing.assert_close(linear(x), x @ new.T + other.bias, rtol=1e-5, atol=1e-5)
 
 
 def test_training_falls_back_to_torch_and_gets_the_same_gradients():
