@@ -34,6 +34,10 @@ from torch import nn
 # the number of rows oneDNN's blocked layout is tuned for: a round verifies k + 1 = 4..8 tokens; 8 kept 1 and 64
 # rows as fast as the best hint for each (1 row: 172 us with hint 8, 177 with hint 1; 6 rows: 312 vs 1687)
 ROWS_HINT = 8
+# smaller weights stay on torch's kernel: oneDNN's call costs about 20 us more, which a small product does not win
+# back (`benchmarks/cpu_kernels.py`, AMD EPYC, one thread: a 128x384 k_proj took 17 us for 6 rows with torch,
+# 29 packed; a 1024x384 up_proj 113 and 75; vLLM's CPU backend also keeps small weights off oneDNN)
+MIN_PACKED_ELEMENTS = 200_000
 
 
 class CpuKernelError(RuntimeError):
@@ -135,10 +139,11 @@ def _check(forward: _PackedForward) -> None:
         )
 
 
-def prepack_linears(*models: nn.Module) -> PackedLinears:
-    """Pack every float32 `nn.Linear` on the CPU in `models` (shared modules once) for oneDNN; see the module
-    docstring. Modules on another device or in another dtype are left alone. Raises `CpuKernelError` where the
-    torch build has no oneDNN linear or it gives other products than torch's."""
+def prepack_linears(*models: nn.Module, min_elements: int = MIN_PACKED_ELEMENTS) -> PackedLinears:
+    """Pack every float32 `nn.Linear` on the CPU in `models` (shared modules once) whose weight has at least
+    `min_elements` elements for oneDNN; see the module docstring. Modules on another device or in another dtype
+    are left alone. Raises `CpuKernelError` where the torch build has no oneDNN linear or it gives other products
+    than torch's."""
     if not onednn_linear_available():
         raise CpuKernelError(
             f"this torch build ({torch.__version__}) has no oneDNN linear (torch.backends.mkldnn); "
@@ -154,6 +159,8 @@ def prepack_linears(*models: nn.Module) -> PackedLinears:
                 seen.add(id(module))
                 weight = module.weight
                 if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.is_meta:
+                    continue
+                if weight.numel() < min_elements:
                     continue
                 forward = _PackedForward(module)
                 _check(forward)

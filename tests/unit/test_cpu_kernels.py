@@ -25,7 +25,7 @@ def test_packed_linear_gives_torchs_products(bias, shape):
     linear = nn.Linear(48, 80, bias=bias)
     x = torch.randn(*shape, 48)
     want = linear(x)
-    with prepack_linears(linear) as packed, torch.no_grad():
+    with prepack_linears(linear, min_elements=0) as packed, torch.no_grad():
         assert packed.count == 1 and isinstance(packed_forward(linear), cpu_kernels._PackedForward)
         got = linear(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -37,7 +37,7 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.manual_seed(0)
     linear, other = nn.Linear(16, 24), nn.Linear(16, 24)
     x = torch.randn(2, 16)
-    with prepack_linears(linear), torch.no_grad():
+    with prepack_linears(linear, min_elements=0), torch.no_grad():
         linear(x)
         linear.load_state_dict(other.state_dict())
         torch.testing.assert_close(linear(x), other(x), rtol=1e-5, atol=1e-5)
@@ -55,7 +55,7 @@ def test_training_falls_back_to_torch_and_gets_the_same_gradients():
     linear(x).square().sum().backward()
     want = linear.weight.grad.clone()
     linear.weight.grad = None
-    with prepack_linears(linear):
+    with prepack_linears(linear, min_elements=0):
         linear(x).square().sum().backward()
     torch.testing.assert_close(linear.weight.grad, want)
 
@@ -64,7 +64,7 @@ def test_only_float32_cpu_linears_are_packed_and_state_dict_is_untouched():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8))
     model[2] = model[0]  # a shared module is packed once
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with prepack_linears(model) as packed:
+    with prepack_linears(model, min_elements=0) as packed:
         assert packed.count == 1 and packed.packed_bytes == 8 * 8 * 4
         assert packed_forward(model[1]) is None
         after = model.state_dict()
@@ -82,16 +82,19 @@ def test_a_kernel_that_disagrees_is_refused_and_nothing_stays_packed(monkeypatch
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     monkeypatch.setattr(cpu_kernels, "_reorder", wrong)
     with pytest.raises(CpuKernelError, match=r"disagrees with torch's.*--cpu-kernels torch"):
-        prepack_linears(model)
+        prepack_linears(model, min_elements=0)
     assert all(packed_forward(m) is None for m in model)
 
 
-def test_use_cpu_kernels_choices():
-    linear = nn.Linear(4, 4)
-    assert use_cpu_kernels("torch", linear) is None and packed_forward(linear) is None
-    packed = use_cpu_kernels("auto", linear, None)
+def test_use_cpu_kernels_choices_and_small_weights_stay_on_torch():
+    small, large = nn.Linear(100, 100), nn.Linear(512, 512)  # below and above MIN_PACKED_ELEMENTS
+    assert small.weight.numel() < cpu_kernels.MIN_PACKED_ELEMENTS <= large.weight.numel()
+    assert use_cpu_kernels("torch", small, large) is None and packed_forward(large) is None
+    packed = use_cpu_kernels("auto", small, None, large)
     assert packed is not None and packed.count == 1
+    assert packed_forward(small) is None and packed_forward(large) is not None
     packed.restore()
+    linear = small
     with pytest.raises(ValueError, match="choose one of auto, onednn, torch"):
         use_cpu_kernels("fast", linear)
 
@@ -105,7 +108,7 @@ def test_every_family_is_exact_with_packed_verifier_and_draft(family):
     prompts = make_prompts(4, seed=3)
     with torch.no_grad():
         references = [verifier.generate(p, max_new_tokens=16, do_sample=False) for p in prompts]
-    with prepack_linears(verifier, draft) as packed, torch.no_grad():
+    with prepack_linears(verifier, draft, min_elements=0) as packed, torch.no_grad():
         assert packed.count >= 4 * 7  # every verifier layer's projections, at least
         for prompt, reference in zip(prompts, references):
             ours = verifier.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=draft)
