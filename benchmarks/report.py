@@ -13,7 +13,8 @@ where KIND says how to render the results file(s) at PATH (a glob for `ab`): `be
 results.json: the run's command and machine, then its table and the verifier's pass cost by width), `ab`
 (`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`),
 `walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`), `half` and `half_summary`
-(`benchmarks/half_precision.py`: per verifier and method, and pooled by kind of method). The prose of BENCHMARKS.md may only quote figures that appear in a
+(`benchmarks/half_precision.py`: per verifier and method, and pooled by kind of method), `cpu_kernels`
+(`benchmarks/cpu_kernels.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
 block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
@@ -244,6 +245,28 @@ def _half_summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _cpu_kernels(path: Path) -> str:
+    """`benchmarks/cpu_kernels.py`: microseconds per linear product by rows, torch's kernel / oneDNN prepacked."""
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["meta"]["rows"]
+    wide = 6 if 6 in rows else rows[-1]
+    lines = [
+        f"Run `{path.relative_to(ROOT)}`: `{meta['command']}` on {meta['machine']}; microseconds per product, "
+        "torch / oneDNN prepacked, and the cost of a round's product (6 rows: k = 5) over one row under each.",
+        "",
+        "| linear [out, in] | " + " | ".join(f"{r} rows" for r in rows) + f" | {wide} rows / 1 row |",
+        "|---|" + "---|" * (len(rows) + 1),
+    ]
+    for entry in data["results"]:
+        torch_us, onednn_us = entry["torch_us"], entry["onednn_us"]
+        cells = [f"{torch_us[str(r)]:.0f} / {onednn_us[str(r)]:.0f}" for r in rows]
+        last, first = str(wide), str(rows[0])
+        ratio = f"{torch_us[last] / torch_us[first]:.1f} / {onednn_us[last] / onednn_us[first]:.1f}"
+        shape = "x".join(map(str, entry["shape"]))
+        lines.append(f"| {entry['linear']} [{shape}] | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -260,6 +283,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "parallel": lambda p: _parallel(ROOT / p),
     "half": lambda p: _half(ROOT / p),
     "half_summary": lambda p: _half_summary(ROOT / p),
+    "cpu_kernels": lambda p: _cpu_kernels(ROOT / p),
 }
 
 
