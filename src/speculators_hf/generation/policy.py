@@ -214,8 +214,8 @@ class DraftingCosts:
             self.expected = mean(self.expected, done.expected)
 
 
-_VERIFY: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], dict[int, float]]] = weakref.WeakKeyDictionary()
-_LEARNED: weakref.WeakKeyDictionary[Any, dict[tuple[int, str, str, int, str], DraftingCosts]] = (
+_VERIFY: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int, str], dict[int, float]]] = weakref.WeakKeyDictionary()
+_LEARNED: weakref.WeakKeyDictionary[Any, dict[tuple[int, str, str, int, str, tuple[str, str]], DraftingCosts]] = (
     weakref.WeakKeyDictionary()
 )
 
