@@ -261,37 +261,20 @@ def build(root: Path, train_steps: int, arch: str, only: list[str] | None = None
         if only and family not in only:
             continue
         torch.manual_seed(1)
-        if family == "peagle":
-            draft = sh.PEagleSpeculator.from_verifier(verifier, mask_token_id=MASK_TOKEN, speculative_tokens=K)
-        elif family == "dspark":
-            # sample_from_anchor (the default): the block [newest token, mask x (K - 1)] proposes K tokens, the K
-            # query entries vLLM's DSpark builds for num_speculative_tokens K (an extra mask entry would change the
-            # bidirectional block); the vanilla Markov head, the only one vLLM builds
-            draft = sh.DSparkSpeculator.from_verifier(
-                verifier,
-                block_size=K,
-                mask_token_id=MASK_TOKEN,
-                speculative_tokens=K,
-                markov_head_type="vanilla",
-                markov_rank=32,
-            )
-        elif family == "dflash2":
-            # block_size K + 1 without sample_from_anchor: vLLM convolves over 1 + num_speculative_tokens entries
-            draft = sh.DFlash2Speculator.from_verifier(
-                verifier,
-                block_size=BLOCK_SIZE,
-                mask_token_id=MASK_TOKEN,
-                speculative_tokens=K,
-                selector_rank=32,
-                selector_top_k=16,
-            )
-        else:
-            # speculative_tokens must be given: without it, from_verifier(verifier, block_size=4) raised here
-            # ("speculators_config.proposal_methods.speculative_tokens: 5 exceeds 3 ...": the default chain of 5
-            # is validated before config_from_verifier lowers it to the block's 3)
-            draft = sh.DFlashSpeculator.from_verifier(
-                verifier, block_size=BLOCK_SIZE, mask_token_id=MASK_TOKEN, speculative_tokens=K
-            )
+        # dspark: sample_from_anchor (the default): the block [newest token, mask x (K - 1)] proposes K tokens, the
+        # K query entries vLLM's DSpark builds for num_speculative_tokens K (an extra mask entry would change the
+        # bidirectional block); the vanilla Markov head, the only one vLLM builds.
+        # dflash2: block_size K + 1 without sample_from_anchor: vLLM convolves over 1 + num_speculative_tokens entries.
+        # dflash: speculative_tokens must be given: without it, from_verifier(verifier, block_size=4) raised here
+        # ("speculators_config.proposal_methods.speculative_tokens: 5 exceeds 3 ...": the default chain of 5 is
+        # validated before config_from_verifier lowers it to the block's 3)
+        cls, fields = {
+            "peagle": (sh.PEagleSpeculator, {}),
+            "dspark": (sh.DSparkSpeculator, {"block_size": K, "markov_head_type": "vanilla", "markov_rank": 32}),
+            "dflash2": (sh.DFlash2Speculator, {"block_size": BLOCK_SIZE, "selector_rank": 32, "selector_top_k": 16}),
+            "dflash": (sh.DFlashSpeculator, {"block_size": BLOCK_SIZE}),
+        }[family]
+        draft = cls.from_verifier(verifier, mask_token_id=MASK_TOKEN, speculative_tokens=K, **fields)
         log(f"{family}: training {train_steps} steps")
         losses = _train(draft, verifier, train_data, train_steps, 3e-3, log) if train_steps else []
         draft.config.verifier["name_or_path"] = str(verifier_dir)
