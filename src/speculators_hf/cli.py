@@ -54,7 +54,8 @@ def _use_cpu_kernels(args: argparse.Namespace, *models: Any) -> str:
     packed = use_cpu_kernels(args.cpu_kernels, *models)
     if packed is None or not packed.count:
         return "torch"
-    print(f"cpu kernels: oneDNN, {packed.count} linears prepacked ({packed.packed_bytes / 2**20:.0f} MiB)")
+    print(f"cpu kernels: oneDNN, {packed.count} linears prepacked ({packed.packed_bytes / 2**20:.0f} MiB)",
+          file=sys.stderr)  # a notice: stdout stays the command's output (--json)  # fmt: skip
     return "onednn"
 
 
