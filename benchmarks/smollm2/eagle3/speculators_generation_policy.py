@@ -215,8 +215,8 @@ class DraftingCosts:
             self.expected = mean(self.expected, done.expected)
 
 
-_VERIFY: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], dict[int, float]]] = weakref.WeakKeyDictionary()
-_LEARNED: weakref.WeakKeyDictionary[Any, dict[tuple[int, str, str, int, str], DraftingCosts]] = (
+_VERIFY: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int, str], dict[int, float]]] = weakref.WeakKeyDictionary()
+_LEARNED: weakref.WeakKeyDictionary[Any, dict[tuple[int, str, str, int, str, tuple[str, str]], DraftingCosts]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -230,9 +230,21 @@ def calibration_dir() -> Path:
     return Path(home).expanduser() / "speculators_hf" / "calibration"
 
 
+def linear_kernels(model: Any) -> str:
+    """Which kernels run `model`'s linears: "stock", or the linears whose forward an instance attribute replaces
+    (`speculators_hf.cpu_kernels.prepack_linears`, or any other patch) by kind and count: their passes cost
+    something else, so a calibration made before is not theirs."""
+    replaced: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and "forward" in vars(module):
+            kind = type(vars(module)["forward"]).__qualname__
+            replaced[kind] = replaced.get(kind, 0) + 1
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(replaced.items())) or "stock"
+
+
 def calibration_key(verifier: Any, batch_size: int) -> dict[str, Any]:
     """What a calibration depends on: the verifier's shapes (its config), the device (and its model), the
-    dtype, the batch size, and the software and threads that run the passes."""
+    dtype, the batch size, the kernels of its linears, and the software and threads that run the passes."""
     device = verifier.device
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
@@ -248,6 +260,7 @@ def calibration_key(verifier: Any, batch_size: int) -> dict[str, Any]:
         "hardware": hardware,
         "dtype": str(verifier.dtype),
         "batch_size": int(batch_size),
+        "linear_kernels": linear_kernels(verifier),
         "torch": torch.__version__,
         "widths": list(CALIBRATION_WIDTHS),
     }
@@ -313,7 +326,7 @@ def verifier_calibration(verifier: Any, batch_size: int = 1) -> dict[int, float]
     (13 passes at each of 12 widths: 1.6 s for the zoo's verifier on this project's CPU, a few seconds for a 7B
     model on a GPU) and saved."""
     cached = _VERIFY.setdefault(verifier, {})
-    process_key = (str(verifier.device), str(verifier.dtype), batch_size)
+    process_key = (str(verifier.device), str(verifier.dtype), batch_size, linear_kernels(verifier))
     if process_key not in cached:
         key = calibration_key(verifier, batch_size)
         path = calibration_path(key)
@@ -331,8 +344,9 @@ def drafting_costs(verifier: Any, draft: Any, batch_size: int = 1, loop: str = "
     what the draft learned so far in this process (kept for the next generation)."""
     measured = verifier_calibration(verifier, batch_size)
     learned = _LEARNED.setdefault(draft, {})
+    kernels = (linear_kernels(verifier), linear_kernels(draft))
     return learned.setdefault(
-        (id(verifier), str(verifier.device), str(verifier.dtype), batch_size, loop), DraftingCosts(measured)
+        (id(verifier), str(verifier.device), str(verifier.dtype), batch_size, loop, kernels), DraftingCosts(measured)
     )
 
 
@@ -426,7 +440,7 @@ def adaptive_drafting(
     depth = max_depth or max(2 * int(draft.config.speculative_tokens or 5), 8)
     limit = draft.max_tree_depth()
     depth = depth if limit is None else min(depth, limit)
-    trees = trees and not getattr(draft, "drafts_in_parallel", False)  # parallel drafters draft chains only
+    trees = trees and getattr(draft, "drafts_trees", True)  # P-EAGLE and DFlash draft chains only
     if frozen():
         return AdaptiveDrafting(DraftingCosts(verifier_calibration(verifier, batch_size)), depth, trees, frozen=True)
     costs = drafting_costs(verifier, draft, batch_size, loop="own" if trees else "transformers")

@@ -214,7 +214,7 @@ def build_tree(
     draft's `root_logits` [B, V] for the token after it and its `root_handle` (see `tree_extend`)."""
     spec = spec.clamped(draft.max_tree_depth())
     fed = _FedNodes(draft, state, root_handle, root_positions)
-    if spec.kind != "chain" and getattr(draft, "drafts_in_parallel", False):
+    if spec.kind != "chain" and not getattr(draft, "drafts_trees", True):
         raise ValueError(
             f"{type(draft).__name__} drafts a chain in one forward pass and defines no trees; use a chain "
             "(tree='chain:5', 'chain:10:0.4' or 'auto')"

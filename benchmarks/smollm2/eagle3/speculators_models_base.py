@@ -130,6 +130,9 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     # training: the unrolled draft steps its loss takes by default (training-time test, HASS); None when the
     # family's loss has no such steps (then `--ttt-steps` is refused)
     default_train_steps: ClassVar[int | None] = None
+    # drafting: whether the draft grows token trees (several nodes per depth, each step from its parent's handle);
+    # False where a chain's later tokens come from one pass that cannot branch (P-EAGLE, DFlash): chains only
+    drafts_trees: ClassVar[bool] = True
     # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
     # package is imported; a copy loaded as remote code has none and keeps the card already saved.
     card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
