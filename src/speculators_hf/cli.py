@@ -48,14 +48,15 @@ def left_padded(rows: list[list[int]], device: Any = None) -> tuple[torch.Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _use_cpu_kernels(args: argparse.Namespace, *models: Any) -> str:
+def _use_cpu_kernels(args: argparse.Namespace, *models: Any, announce: bool = True) -> str:
     """--cpu-kernels, for the rest of the process (see `speculators_hf.cpu_kernels`); returns the kernels that run
-    ("onednn" or "torch") for the results' metadata."""
+    ("onednn" or "torch") for the results' metadata. `announce`: say so on stdout (demo and bench, whose output
+    is a report; not generate, whose stdout may be JSON and whose errors are one line on stderr)."""
     packed = use_cpu_kernels(args.cpu_kernels, *models)
     if packed is None or not packed.count:
         return "torch"
-    print(f"cpu kernels: oneDNN, {packed.count} linears prepacked ({packed.packed_bytes / 2**20:.0f} MiB)",
-          file=sys.stderr)  # a notice: stdout stays the command's output (--json)  # fmt: skip
+    if announce:
+        print(f"cpu kernels: oneDNN, {packed.count} linears prepacked ({packed.packed_bytes / 2**20:.0f} MiB)")
     return "onednn"
 
 
@@ -276,7 +277,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         texts = args.prompt or ["def fibonacci(n):\n    "]
         id_rows = [list(range(3, 3 + 8 + len(t) % 8)) for t in texts]
     input_ids, attention_mask = left_padded(id_rows, verifier.device)
-    _use_cpu_kernels(args, verifier, draft)
+    _use_cpu_kernels(args, verifier, draft, announce=False)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": args.do_sample}

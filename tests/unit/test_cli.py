@@ -18,6 +18,7 @@ def test_demo_is_exact_and_says_what_it_measured(capsys):
     out = capsys.readouterr().out
     assert "identical to the verifier alone: yes (all 2 runs)" in out
     assert "tau " in out and "median of 2 runs" in out and "speedup" in out and "machine: " in out
+    assert ("cpu kernels: oneDNN" in out) == onednn_linear_available()
 
 
 @pytest.fixture
@@ -147,10 +148,17 @@ def test_key_value_options_are_refused_in_one_line_without_an_equals_sign(argv, 
 
 
 @pytest.mark.parametrize("kernels", ["torch", "onednn"])
-def test_generate_checks_its_output_with_either_cpu_kernels(kernels, capsys):
+def test_generate_checks_its_output_with_either_cpu_kernels(kernels, capsys, monkeypatch):
+    """Both kernels give the verifier's output; generate packs quietly (its stdout may be JSON, its errors one line
+    on stderr), demo and bench say so in their report."""
     if kernels == "onednn" and not onednn_linear_available():
         pytest.skip("this torch has no oneDNN linear")
+    import speculators_hf.cli as cli
+    from speculators_hf.cpu_kernels import use_cpu_kernels
+
+    packed = []
+    monkeypatch.setattr(cli, "use_cpu_kernels", lambda *a: packed.append(use_cpu_kernels(*a)) or packed[-1])
     assert main(["generate", "--cpu-kernels", kernels, "--check", "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr()
-    assert "identical to the verifier alone: yes" in printed.out
-    assert ("linears prepacked" in printed.err) == (kernels == "onednn") and "prepacked" not in printed.out
+    assert "identical to the verifier alone: yes" in printed.out and "prepacked" not in printed.out + printed.err
+    assert (packed[0] is not None and packed[0].count > 0) == (kernels == "onednn")
