@@ -33,19 +33,12 @@ import torch
 from speculators_hf.bench import cpu_model
 from speculators_hf.cli import main as cli
 from speculators_hf.training.data import tokenize_records
-from speculators_hf.zoo import VERIFIER_ID, zoo_dir, zoo_prompts, zoo_tokenizer
-
-
-def verifier_folder() -> Path:
-    root = zoo_dir()
-    if root is None:
-        raise SystemExit("the benchmark zoo is not in this checkout (benchmarks/zoo/hub)")
-    return next((root / "hub" / f"models--{VERIFIER_ID.replace('/', '--')}" / "snapshots").iterdir())
+from speculators_hf.zoo import VERIFIER_ID, zoo_prompts, zoo_tokenizer, zoo_verifier_dir
 
 
 def run_engine(work: Path, records: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     """The two timed phases of `data` in `work`; the figures of one engine."""
-    base = ["data", "--verifier", str(verifier_folder()), "--input", str(records), "--output", str(work)]
+    base = ["data", "--verifier", str(zoo_verifier_dir()), "--input", str(records), "--output", str(work)]
     base += ["--regenerate", "--max-new-tokens", str(args.max_new_tokens), "--seq-len", str(args.seq_len)]
     base += ["--dtype", "float32", *extra]
     start = time.perf_counter()
@@ -75,7 +68,7 @@ def start_server(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "speculators_hf.cli", "serve-features", "--verifier", str(verifier_folder())]
+    argv = [sys.executable, "-m", "speculators_hf.cli", "serve-features", "--verifier", str(zoo_verifier_dir())]
     argv += ["--family", "eagle3", "--storage", str(work / "hs"), "--vllm-python", args.vllm_python, "--"]
     argv += ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}

@@ -249,17 +249,9 @@ def _vllm_peers(args: argparse.Namespace, drafts: dict[str, Any], prompts: list[
     python = args.vllm_python or vllm_python_from_env()
     if python is None:
         return None
-    if args.verifier is not None:
-        verifier_dir = args.verifier
-    else:  # the zoo's verifier: its snapshot folder in the embedded Hub cache
-        from huggingface_hub import snapshot_download
+    from .zoo import zoo_verifier_dir
 
-        from .zoo import VERIFIER_ID, zoo_dir
-
-        root = zoo_dir()
-        if root is None:
-            raise SystemExit("--vllm-python: the benchmark zoo is not in this checkout; pass --verifier")
-        verifier_dir = snapshot_download(VERIFIER_ID, cache_dir=root / "hub", local_files_only=True)
+    verifier_dir = args.verifier if args.verifier is not None else zoo_verifier_dir()
     k = fixed[len(fixed) // 2]
     return partial(vllm_peer_rows, python, verifier_dir, drafts, k, prompts, args.max_new_tokens, dtype=args.dtype)
 

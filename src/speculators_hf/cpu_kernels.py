@@ -61,13 +61,10 @@ class _PackedForward:
     def __init__(self, module: nn.Linear):
         self.module = module
         self.stock = module.forward
-        self.packed: torch.Tensor | None = None
-        self.version = (-1, 0)
         self.pack()
 
     def pack(self) -> None:
-        weight = self.module.weight.detach()
-        self.packed = _reorder(weight, ROWS_HINT)
+        self.packed = _reorder(self.module.weight.detach(), ROWS_HINT)
         self.version = self._version()
 
     def _version(self) -> tuple[int, int]:
@@ -77,9 +74,9 @@ class _PackedForward:
 
     def usable(self, x: torch.Tensor) -> bool:
         weight = self.module.weight
-        if x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32:
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
             return False
-        if weight.device.type != "cpu":
+        if x.device.type != "cpu" or weight.device.type != "cpu":
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 

@@ -56,6 +56,18 @@ def load_zoo_draft(family: str = "eagle3", dtype: torch.dtype = torch.float32, v
     )
 
 
+def zoo_verifier_dir() -> Path:
+    """The zoo verifier's snapshot folder in the zoo's Hub cache (for engines that read a folder: vLLM)."""
+    from huggingface_hub import snapshot_download
+
+    root = zoo_dir()
+    if root is None:
+        raise FileNotFoundError(
+            "the benchmark zoo is not in this checkout (benchmarks/zoo/hub); build it with benchmarks/zoo/README.md"
+        )
+    return Path(snapshot_download(VERIFIER_ID, cache_dir=root / "hub", local_files_only=True))
+
+
 def zoo_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
