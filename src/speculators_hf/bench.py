@@ -249,7 +249,9 @@ def run_bench(
     peers: Callable[[list[torch.Tensor], float], list[BenchResult]] | None = None,
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
-    `k_values`: draft lengths, and "auto[:max]" for a row per draft with `num_assistant_tokens="auto"`.
+    `k_values`: draft lengths, and "auto[:max]" for a row per draft with `num_assistant_tokens="auto"` (a draft
+    whose `auto` stops on its own acceptance head, DSpark's confidence head, gets a second row stopping on its
+    probability, "(k auto, probability stop)").
     `trees`: tree specs (see `TreeSpec.parse`, and "auto[:max]") to also run every draft with in the package's
     own loop.
     `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
@@ -278,17 +280,21 @@ def run_bench(
 
         return _Method(name, k, measure)
 
-    def draft_method(name: str, draft: Any, k: int | str) -> _Method:
+    def draft_method(name: str, draft: Any, k: int | str, signal: str | None = None) -> _Method:
         def measure(chunk: list[torch.Tensor], warm: bool) -> _Measured:
-            if warm:
-                _run(verifier, chunk[:1], 8, assistant_model=draft, num_assistant_tokens=k)
-            run = _Measured([], 0.0)
-            with _DraftTimer(draft) as timer:
-                for prompt in chunk:  # one call per prompt: the stats are per generate() call
-                    out, seconds = _run(
-                        verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k
-                    )
-                    run.add(_Measured(out, seconds, draft.generation_stats))
+            default, draft.acceptance_signal = draft.acceptance_signal, signal or draft.acceptance_signal
+            try:
+                if warm:
+                    _run(verifier, chunk[:1], 8, assistant_model=draft, num_assistant_tokens=k)
+                run = _Measured([], 0.0)
+                with _DraftTimer(draft) as timer:
+                    for prompt in chunk:  # one call per prompt: the stats are per generate() call
+                        out, seconds = _run(
+                            verifier, [prompt], max_new_tokens, assistant_model=draft, num_assistant_tokens=k
+                        )
+                        run.add(_Measured(out, seconds, draft.generation_stats))
+            finally:
+                draft.acceptance_signal = default
             run.draft_seconds = timer.seconds
             return run
 
@@ -297,6 +303,12 @@ def run_bench(
     for k in k_values:
         if isinstance(k, str):  # "auto[:max]": our drafts only, the length chosen round by round
             methods += [draft_method(f"{name} (k {k})", draft, k) for name, draft in drafts.items()]
+            # a draft that stops on its own acceptance head (DSpark's confidence) also stops on its probability
+            methods += [
+                draft_method(f"{name} (k {k}, probability stop)", draft, k, signal="probability")
+                for name, draft in drafts.items()
+                if getattr(draft, "acceptance_signal", "probability") != "probability"
+            ]
             continue
         if assistant_lm is not None:
             methods.append(transformers_method("transformers assisted (small LM)", k, assistant_model=assistant_lm))

@@ -171,6 +171,35 @@ def test_trees_are_skipped_for_drafts_that_draft_chains_in_one_pass():
     assert _can_draft(eagle3, "dynamic:3:2:4")
 
 
+def test_a_draft_with_a_confidence_head_gets_both_auto_stops():
+    """DSpark's `auto` stops on its confidence head; the bench also runs it stopping on its probability (the
+    comparison BENCHMARKS.md reports), and leaves the draft's own signal as it was."""
+    verifier = make_verifier("qwen3", num_hidden_layers=4)
+    dspark = sh.DSparkSpeculator.from_verifier(verifier, block_size=4, markov_rank=16)
+    eagle3 = sh.Eagle3Speculator.from_verifier(verifier)
+    seen = []
+    original = type(dspark).predicted_acceptance
+
+    def spy(self, state):
+        seen.append(self.acceptance_signal)
+        return original(self, state)
+
+    type(dspark).predicted_acceptance = spy
+    try:
+        results = run_bench(
+            verifier, make_prompts(2), {"dspark": dspark, "eagle3": eagle3}, ["auto"], max_new_tokens=8,
+            prompt_lookup=False,
+        )  # fmt: skip
+    finally:
+        type(dspark).predicted_acceptance = original
+    assert [r.method for r in results] == [
+        "verifier alone", "dspark (k auto)", "eagle3 (k auto)", "dspark (k auto, probability stop)"
+    ]  # fmt: skip
+    assert all(r.exact for r in results)
+    assert {"confidence", "probability"} <= set(seen)
+    assert dspark.acceptance_signal == "confidence"
+
+
 def test_bench_in_half_precision_reports_differences_without_failing():
     """bfloat16: near-ties decided the other way in the verifier's multi-token passes make rows differ from the
     verifier alone; the column says how many prompts and that every token was the verifier's argmax in its pass,

@@ -156,6 +156,50 @@ def test_drafting_token_by_token_equals_the_parallel_forward(variant):
     assert not torch.equal(other, chain)
 
 
+def test_the_confidence_head_is_the_stop_signal_of_auto():
+    """With the confidence head, a chain that `auto` stops (`stop_below`) stops where the product of the head's
+    predicted acceptances falls below the threshold; each prediction is sigmoid of the library's confidence logit
+    for that slot along the chain. "probability" reads the draft's probabilities instead: moving the head's bias
+    then changes nothing (and with the head, it is what moves the stop)."""
+    draft = golden_draft("confidence")
+    n, k = 9, draft.config.tokens_per_block
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 90, (1, n), generator=gen)
+    states = [torch.randn(1, n - 1, 32, generator=gen) for _ in draft.verifier_layer_ids()]
+
+    def chain(stop_below: float | None):
+        from speculators_hf.generation.session import feed_and_draft
+
+        features = [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in states]
+        sampler = Sampler(do_sample=False)
+        sampler.begin_round([0], [prompt[0]])
+        with torch.no_grad():
+            return feed_and_draft(draft, draft.new_tree_state(1), prompt, 0, features, k, sampler, stop_below)[0]
+
+    assert draft.acceptance_signal == "confidence"
+    full = chain(None)
+    assert full.size == k and full.confidence is None
+    features = [torch.cat([s, torch.zeros(1, k + 1, 32)], dim=1) for s in states]
+    with torch.no_grad():
+        _, logits = draft.parallel_heads(torch.cat([prompt, full.tokens], dim=1), features, torch.tensor([[n - 1]]))
+    first = int(not draft.config.sample_from_anchor)
+    predicted = logits[0, 0, first:].sigmoid().cumprod(0)  # P(the chain is accepted up to each depth)
+    stopped = chain(0.0)
+    torch.testing.assert_close(stopped.confidence[0], predicted, rtol=1e-5, atol=1e-6)
+    threshold = float(predicted[1] + predicted[2]) / 2  # between depths 2 and 3: stops after the third token
+    assert chain(threshold).size == 3
+    with torch.no_grad():
+        draft.confidence_head.proj.bias.add_(20.0)  # predicts acceptance 1 everywhere: never stops
+    assert chain(threshold).size == k
+    draft.acceptance_signal = "probability"
+    by_probability = chain(threshold).size
+    with torch.no_grad():
+        draft.confidence_head.proj.bias.sub_(40.0)
+    assert chain(threshold).size == by_probability
+    draft.acceptance_signal = "confidence"
+    assert chain(threshold).size == 1
+
+
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(p.shape[1] for p in prompts)
     ids, mask = torch.zeros(len(prompts), width, dtype=torch.long), torch.zeros(len(prompts), width, dtype=torch.long)

@@ -170,6 +170,9 @@ class DSparkSpeculator(DFlashSpeculator):
 
     def __init__(self, config: DSparkSpeculatorConfig):
         super().__init__(config)
+        # `auto` stops a chain on the confidence head's predicted acceptance where there is a head (measured against
+        # the draft's probability on the zoo: BENCHMARKS.md); set "probability" to stop on the latter
+        self.acceptance_signal = "confidence" if config.enable_confidence_head else "probability"
         layer = config.transformer_layer_config
         self.markov_head = (
             MarkovHead(
@@ -198,9 +201,7 @@ class DSparkSpeculator(DFlashSpeculator):
             logits = logits + self.markov_head.block_bias(embedded, hidden)
         if self.confidence_head is None:
             return logits, None
-        if embedded is not None and self.config.confidence_head_with_markov:
-            hidden = torch.cat([hidden, embedded], dim=-1)
-        return logits, self.confidence_head(hidden)
+        return logits, self.slot_confidence(hidden, embedded)
 
     def parallel_heads(
         self, input_ids: torch.Tensor, features: list[torch.Tensor], anchors: torch.Tensor
@@ -298,11 +299,28 @@ class DSparkSpeculator(DFlashSpeculator):
         """Verifier-vocab logits [B, K, V] of block slot `slot` after the tokens `previous` [B, K], and the rnn
         states after it (`handles` [B, K, r] before)."""
         logits = state.tensors["block_logits"][:, slot, None].expand(-1, previous.shape[1], -1)
+        hidden = state.tensors["block_hidden"][:, slot, None].expand(-1, previous.shape[1], -1)
+        embedded = None
         if self.markov_head is not None:
-            hidden = state.tensors["block_hidden"][:, slot, None].expand(-1, previous.shape[1], -1)
-            bias, handles = self.markov_head.step(self.markov_head.markov_w1(previous), hidden, handles)
+            embedded = self.markov_head.markov_w1(previous)
+            bias, handles = self.markov_head.step(embedded, hidden, handles)
             logits = logits + bias
+        state.tensors.pop("acceptance", None)
+        if self.confidence_head is not None and self.acceptance_signal == "confidence":
+            state.tensors["acceptance"] = self.slot_confidence(hidden, embedded).sigmoid()
         return self.expand_vocab(logits), handles
+
+    def slot_confidence(self, hidden: torch.Tensor, embedded: torch.Tensor | None) -> torch.Tensor:
+        """Confidence logits [...] of slots with normed states `hidden` [..., H] whose targets follow tokens with W1
+        rows `embedded` [..., r] (None without a Markov head)."""
+        assert self.confidence_head is not None
+        if embedded is not None and self.config.confidence_head_with_markov:
+            hidden = torch.cat([hidden, embedded], dim=-1)
+        return self.confidence_head(hidden)
+
+    def predicted_acceptance(self, state: DraftTreeState) -> torch.Tensor | None:
+        """The confidence head's acceptance rate [B, K] of the slot `slot_logits` scored last ("confidence" signal)."""
+        return state.tensors.get("acceptance")
 
     def parallel_logits(self, state: DraftTreeState, root_positions: torch.Tensor, count: int) -> None:  # type: ignore[override]
         """None: each slot's logits depend on the token picked before it, so the chain asks `tree_expand`."""
