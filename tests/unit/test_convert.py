@@ -747,6 +747,7 @@ def test_specs_and_known_checkpoints_are_consistent():
         "mlp_speculator",
         "modelopt",
         "dflash_zlab",
+        "dspark_dense",
     }
     known = known_checkpoints()
     assert {entry["format"] for entry in known} == formats
