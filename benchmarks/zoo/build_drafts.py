@@ -11,6 +11,7 @@
 4. `--publish` writes the verifier, its tokenizer and every trained draft in fp16, in Hub layout, to
    `benchmarks/zoo/hub` (repo ids `speculators-hf/zoo-verifier`, `speculators-hf/zoo-<family>`), and
    the held-out prompts to `benchmarks/zoo/prompts.json`: what `make demo` and `speculators-hf bench` load.
+`--continue-steps N` trains the PUBLISHED drafts N more steps (`continued/`; `--publish` then takes those).
 Every stage keeps what is on disk, so the script resumes.
 """
 
@@ -59,6 +60,17 @@ RECIPES = {
         {"draft_vocab_size": 2048, "block_size": 8, "num_layers": 2, "mask_token_id": 0},
         {"steps": 900, "batch_size": 8, "learning_rate": 3e-3},
     ),
+    # DSpark and DFlash2: DFlash's draft (same layers, blocks, mask token) and DFlash's budget, so the three compare
+    # on the zoo. DSpark with the vanilla Markov head (the one vLLM serves; rank 256) and the confidence head;
+    # DFlash2 drafts over the whole vocabulary (its selector scores verifier ids) with the library's conv/selector
+    "dspark": (
+        {"draft_vocab_size": 2048, "block_size": 8, "num_layers": 2, "mask_token_id": 0, "markov_head_type": "vanilla"},
+        {"steps": 900, "batch_size": 8, "learning_rate": 3e-3},
+    ),
+    "dflash2": (
+        {"draft_vocab_size": 6144, "block_size": 8, "num_layers": 2, "mask_token_id": 0},
+        {"steps": 900, "batch_size": 8, "learning_rate": 3e-3},
+    ),
     "eagle": ({}, {"steps": 600, "batch_size": 8, "learning_rate": 2e-3}),
     "medusa": ({"medusa_num_heads": 4}, {"steps": 500, "batch_size": 8, "learning_rate": 2e-3}),
     "mlp_speculator": ({"n_predict": 3}, {"steps": 300, "batch_size": 8, "learning_rate": 2e-3}),
@@ -71,11 +83,15 @@ FOLLOW_UPS = {
     # the first stage trains 5 parallel depths (chains of 5); this one 6, as the benchmark drafts chains of 3-7
     "peagle": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "ttt_steps": 6, "warmup_steps": 20}],
     "dflash": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 20}],
+    "dspark": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 20}],
+    "dflash2": [{"steps": 300, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 20}],
 }
 
 
 def final_dir(out: Path, family: str) -> Path:
-    """Where the last stage of `family`'s recipe writes its draft."""
+    """Where the last stage of `family`'s recipe writes its draft (`continued/` once `--continue-steps` ran)."""
+    if (out / "continued" / "final" / "config.json").exists():
+        return out / "continued" / "final"
     stages = FOLLOW_UPS.get(family, [])
     return out / (f"stage{len(stages) + 1}" if stages else "") / "final"
 
@@ -115,6 +131,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=160)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps")
     parser.add_argument("--publish", action="store_true", help="only publish what is trained to benchmarks/zoo")
+    parser.add_argument(
+        "--continue-steps",
+        type=int,
+        default=0,
+        help="train each family's PUBLISHED zoo draft this many more steps (the last stage's settings, lr 1e-3), "
+        "evaluated on the held-out prompts every quarter, into <work>/drafts/<family>/continued/",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -143,6 +166,12 @@ def main() -> None:
     input_ids, loss_mask = load_blocks(data_dir)
     eval_prompts = [torch.tensor([p]) for p in json.loads(prompts_path.read_text())[:8]]
 
+    if args.continue_steps:
+        for family in args.families.split(","):
+            continue_published(
+                family, work, verifier, input_ids, loss_mask, data_dir, eval_prompts, args.continue_steps
+            )
+        return
     for family in args.families.split(","):
         out = work / "drafts" / family
         if (final_dir(out, family) / "config.json").exists():
@@ -185,6 +214,32 @@ def train_first_stage(
     print(f"{family}: {result['evals']}")
 
 
+def continue_published(
+    family: str, work: Path, verifier, input_ids, loss_mask, data_dir: Path, eval_prompts, steps: int
+) -> None:
+    """The published zoo draft of `family` (upcast to fp32) trained `steps` more steps with its recipe's last
+    stage's settings at lr 1e-3, to `<work>/drafts/<family>/continued`: whether its held-out tau still improves."""
+    from speculators_hf.zoo import load_zoo_draft
+
+    out = work / "drafts" / family / "continued"
+    if (out / "final" / "config.json").exists():
+        print(f"{family}: already continued in {out}")
+        return
+    draft = load_zoo_draft(family, verifier=verifier)
+    features = None
+    if draft.verifier_layer_ids():
+        features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+    last = (FOLLOW_UPS.get(family) or [RECIPES[family][1]])[-1]
+    settings = {**last, "steps": steps, "learning_rate": 1e-3, "warmup_steps": 20}
+    config = TrainConfig(
+        output_dir=str(out), save_every=100, log_every=50, eval_every=max(1, steps // 4), eval_max_new_tokens=64,
+        **settings,
+    )  # fmt: skip
+    print(f"{family} published: {measure_acceptance(verifier, draft, eval_prompts, 64)}")
+    result = train(draft, verifier, DraftDataset(input_ids, loss_mask, features), config, eval_prompts=eval_prompts)
+    print(f"{family} continued: {result['evals']}")
+
+
 def publish(work: Path, families: list[str]) -> None:
     """fp16 copies in Hub layout under benchmarks/zoo/hub, with the drafts pointing at VERIFIER_ID.
 
@@ -213,8 +268,13 @@ def publish(work: Path, families: list[str]) -> None:
             draft.config.verifier["name_or_path"] = VERIFIER_ID
             draft.save_pretrained(Path(tmp) / family)
             save_to_hub_cache(Path(tmp) / family, f"speculators-hf/zoo-{family}", hub)
+            summary = (
+                json.loads((ZOO / f"training_{family}.json").read_text()) if final.parent.name == "continued" else []
+            )
             stages = [work / "drafts" / family / "final", *sorted((work / "drafts" / family).glob("stage*/final"))]
-            summary = [json.loads((f / "training_summary.json").read_text()) for f in stages]
+            if final.parent.name == "continued":  # the earlier stages' summaries are the published ones
+                stages = [final]
+            summary += [json.loads((f / "training_summary.json").read_text()) for f in stages]
             (ZOO / f"training_{family}.json").write_text(json.dumps(summary, indent=1))
             print(f"speculators-hf/zoo-{family}: published")
     if not (ZOO / "prompts.json").exists():

@@ -245,7 +245,13 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
             # EAGLE-2's observation: the draft's confidence predicts acceptance, so a chain the draft itself
             # doubts is not worth extending; in a batch, one more depth costs every row a column, so the rows'
             # mean decides (the choice reads only the draft: exactness holds)
-            p = torch.softmax(token_scores.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            # (a draft with an acceptance head, e.g. DSpark's confidence head, may predict it directly instead)
+            predict = getattr(fed.draft, "predicted_acceptance", None)  # (remote code of older exports has none)
+            predicted = None if predict is None else predict(fed.state)
+            if predicted is not None:
+                p = predicted.reshape(-1).float()
+            else:
+                p = torch.softmax(token_scores.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
             confidence.append(p * confidence[-1] if confidence else p)
             if bool(confidence[-1].mean() < spec.stop_below):
                 break

@@ -133,6 +133,10 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     # drafting: whether the draft grows token trees (several nodes per depth, each step from its parent's handle);
     # False where a chain's later tokens come from one pass that cannot branch (P-EAGLE, DFlash): chains only
     drafts_trees: ClassVar[bool] = True
+    # what `auto` stops a chain on (generation/policy.py): "probability", the draft's probability of the chain so
+    # far; "confidence", the product of the acceptance rates the draft's own head predicts for each slot
+    # (`predicted_acceptance`; DSpark's confidence head). An instance attribute may override it per draft.
+    acceptance_signal: str = "probability"
     # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
     # package is imported; a copy loaded as remote code has none and keeps the card already saved.
     card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
@@ -207,6 +211,12 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
         ancestors and itself); all of them also see the row's context. Returns (logits [B, K, V] over the
         verifier vocabulary of each node's next token, the nodes' handles [B, K, ...])."""
         raise NotImplementedError(f"{type(self).__name__} does not implement the tree loop (tree_expand)")
+
+    def predicted_acceptance(self, state: DraftTreeState) -> torch.Tensor | None:
+        """The acceptance rate [B, K] the draft predicts for the tokens of the logits `tree_extend` / `tree_expand`
+        returned last (K = 1 after `tree_extend`), when it predicts one and `acceptance_signal` is "confidence";
+        otherwise None, and `auto` reads the draft's probabilities."""
+        return None
 
     # -- training (speculators_hf.training) and export ------------------------------------------------
     def training_loss(
