@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_verifier
+from conftest import make_verifier, verifier_features
 
 import speculators_hf as sh
 from speculators_hf.generation import policy
 from speculators_hf.generation.policy import AdaptiveDrafting, DraftingCosts, Round, auto_depth
+from speculators_hf.generation.sampling import Sampler
+from speculators_hf.generation.session import feed_and_draft
 from speculators_hf.generation.tree import DraftTree
 
 # a CPU-like verifier: each extra token of the pass costs 0.5 ms over a 10 ms one-token pass
@@ -53,32 +55,76 @@ def test_the_verification_slope_is_a_fit_not_two_points():
     assert DraftingCosts(noisy).slope(10) < (0.030 - 0.010) / 5  # the hiccup does not set the slope
     assert DraftingCosts({1: 0.01, 4: 0.01}).slope(10) == 0.0  # flat: width is free
     assert DraftingCosts({1: 0.01}).slope(10) == 0.0
+    convex = {1: 0.010, 2: 0.0101, 3: 0.0102, 4: 0.0103, 6: 0.0105, 8: 0.0125, 11: 0.0155, 16: 0.0205}
+    flat, steep = DraftingCosts(convex).slope(10, width=3), DraftingCosts(convex).slope(10, width=11)
+    assert flat == pytest.approx(0.0001) and steep > 0.0009 and flat < DraftingCosts(convex).slope(10) < steep
+
+
+def test_each_depth_stops_at_its_own_cost_and_calibration():
+    """A flat-then-steep pass: a shallow chain's next token costs little (a low bar), a deep one's much; and a
+    depth where the draft was overconfident needs a surer draft. Depths are folded into `stop_scale`."""
+    convex = {1: 0.010, 2: 0.0101, 3: 0.0102, 4: 0.0103, 6: 0.0105, 8: 0.0125, 11: 0.0155, 16: 0.0205}
+    costs = DraftingCosts(convex, 0.001, 3.0, 0.010, accepted=[0.9, 0.4], expected=[0.9, 0.8])
+    policy_ = AdaptiveDrafting(costs, max_depth=8)
+    spec = policy_.spec()
+    assert spec.stop_below == pytest.approx(policy_.threshold())
+    effective = [spec.stop_below / scale for scale in spec.stop_scale]  # the probability each depth must reach
+    expected = [policy_.threshold(d) / k for d, k in zip(range(1, 9), (1.0,) + (0.5,) * 7)]
+    assert effective == pytest.approx(expected)
+    assert effective[0] < effective[2] < effective[7]  # cheaper shallow, dearer deep (and overconfident from 2)
 
 
 def test_observed_rounds_update_the_running_means():
     costs = DraftingCosts(dict(CPU), smoothing=0.5)
     policy_ = AdaptiveDrafting(costs, max_depth=8)
-    policy_.observe(Round(started=1.0, steps=4, draft_seconds=0.004, emitted=4.0, expected=2.5), ended=1.02)
+    chain = Round(started=1.0, steps=4, draft_seconds=0.004, emitted=4.0, expected=[0.9, 0.6], accepted=[1.0, 0.3])
+    policy_.observe(chain, ended=1.02)
     assert (costs.draft_step, costs.emitted, costs.round_seconds) == pytest.approx((0.001, 4.0, 0.020))
-    assert costs.calibration == pytest.approx(3.0 / 2.5)
-    policy_.observe(Round(started=2.0, steps=0, draft_seconds=0.0005, emitted=2.0, expected=None), ended=2.012)
+    assert costs.calibration() == pytest.approx((1.0 / 0.9, 0.5))
+    policy_.observe(Round(started=2.0, steps=0, draft_seconds=0.0005, emitted=2.0), ended=2.012)
     assert costs.draft_step == pytest.approx(0.001)  # a one-token chain says nothing about the step
     assert (costs.emitted, costs.round_seconds) == pytest.approx((3.0, 0.016))
-    assert costs.calibration == pytest.approx(3.0 / 2.5)  # a tree (no chain probabilities) leaves it
+    assert costs.calibration() == pytest.approx((1.0 / 0.9, 0.5))  # a tree (no chain probabilities) leaves it
+    deeper = Round(started=3.0, steps=2, draft_seconds=0.002, emitted=2.0, expected=[0.7, 0.4, 0.2], accepted=[1, 0, 0])
+    policy_.observe(deeper, ended=3.02)  # depth 3 seen for the first time: taken as it is
+    assert costs.calibration() == pytest.approx((1.0 / 0.8, 0.15 / 0.5, 0.25))  # 0 / 0.2, kept at 0.25 at least
+    assert costs.calibration(5) == pytest.approx((1.0 / 0.8, 0.3, 0.25, 0.25, 0.25))  # deeper: the deepest seen
+    assert DraftingCosts(dict(CPU)).calibration(5) == ()  # nothing seen: the draft's probabilities as they are
 
 
-def test_an_overconfident_draft_must_be_surer_to_draft_on():
-    """The threshold is divided by the accepted/expected ratio: a draft whose probabilities promised twice
-    the tokens it got needs twice the probability to extend its chain (kept within [0.5, 2])."""
-    calibrated = DraftingCosts(dict(CPU), 0.001, 3.0, 0.010, accepted=2.0, expected=2.0)
-    overconfident = DraftingCosts(dict(CPU), 0.001, 3.0, 0.010, accepted=1.0, expected=2.0)
-    wild = DraftingCosts(dict(CPU), 0.001, 3.0, 0.010, accepted=0.1, expected=2.0)
-    assert AdaptiveDrafting(calibrated, 10).threshold() == pytest.approx(0.45)
-    assert AdaptiveDrafting(overconfident, 10).threshold() == pytest.approx(0.9)
-    assert AdaptiveDrafting(wild, 10).threshold() == pytest.approx(0.9)
+def test_an_overconfident_depth_must_be_surer_to_draft_on():
+    """The chain's probability is scaled per depth by the accepted/expected ratio there: a depth whose
+    probabilities promised twice the acceptance it got needs twice the probability to extend the chain."""
+    costs = DraftingCosts(dict(CPU), 0.001, 3.0, 0.010, accepted=[0.9, 0.4], expected=[0.9, 0.8])
+    spec = AdaptiveDrafting(costs, 10).spec()
+    assert spec.stop_below == pytest.approx(0.45) and spec.stop_scale == pytest.approx((1.0,) + (0.5,) * 9)
 
 
-def test_a_round_reads_what_its_chain_expected():
+def test_a_chain_stops_on_its_calibrated_probability():
+    """`stop_scale` moves the stop: the same draft probabilities stop a chain sooner at an overconfident depth."""
+    verifier = make_verifier()
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    prompt = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+    states = verifier_features(verifier, prompt[:, :-1], draft.verifier_layer_ids())
+    features = [torch.nn.functional.pad(f, (0, 0, 1, 0)) for f in states]
+
+    def chain(**stop):
+        sampler = Sampler(do_sample=False)
+        sampler.begin_round([0], [prompt[0]])
+        with torch.no_grad():
+            return feed_and_draft(draft, draft.new_tree_state(1), prompt, 0, features, 6, sampler, **stop)[0]
+
+    p = chain(stop_below=0.0).confidence[0].tolist()
+    threshold = (p[2] + p[3]) / 2  # between the third and the fourth token's chain probability
+    assert chain(stop_below=threshold).size == 4
+    for scale in [(1.0, 1.0, 0.5), (2.0,), (1.0, 1.0, 1.0, 0.1)]:  # depths past the scale's end take its last
+        scaled = [q * scale[min(d, len(scale) - 1)] for d, q in enumerate(p)]
+        stop = next((d + 1 for d, q in enumerate(scaled) if q < threshold), 6)
+        assert chain(stop_below=threshold, stop_scale=scale).size == stop, scale
+    assert chain(stop_below=threshold, stop_scale=(1.0, 1.0, 0.5)).size == 3  # the third depth now falls below
+
+
+def test_a_round_reads_what_its_chain_expected_and_each_row_accepted():
     tree = DraftTree(
         tokens=torch.zeros(2, 3, dtype=torch.long),
         parents=torch.tensor([[-1, 0, 1]] * 2),
@@ -86,8 +132,10 @@ def test_a_round_reads_what_its_chain_expected():
         max_depth=3,
         confidence=torch.tensor([[0.9, 0.45, 0.2], [0.5, 0.25, 0.05]]),
     )
-    done = Round.of(tree, started=0.0, draft_seconds=0.002, emitted=2.5)
-    assert (done.steps, done.expected) == (2, pytest.approx((1.55 + 0.8) / 2))
+    done = Round.of(tree, started=0.0, draft_seconds=0.002, emitted=torch.tensor([3, 1]))  # accepted 2 and 0
+    assert (done.steps, done.emitted) == (2, 2.0)
+    assert done.expected == pytest.approx([0.7, 0.35, 0.125]) and done.accepted == pytest.approx([0.5, 0.5, 0.0])
+    assert Round.of(tree, 0.0, 0.002, emitted=4.0).accepted == [1.0, 1.0, 1.0]  # a mean: taken as every row's
 
 
 def test_wide_trees_where_width_is_nearly_free_and_chains_where_it_is_not():
@@ -250,14 +298,14 @@ def test_frozen_auto_reads_only_the_saved_costs_and_learns_nothing(tmp_path, mon
     verifier = make_verifier()
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
     learning = policy.adaptive_drafting(verifier, draft)
-    learning.observe(Round(started=0.0, steps=4, draft_seconds=0.02, emitted=4.0, expected=2.0), ended=0.05)
+    learning.observe(Round(0.0, 4, 0.02, 4.0, expected=[0.9, 0.5], accepted=[1.0, 1.0]), ended=0.05)
     monkeypatch.setenv(policy.FROZEN_ENV, "1")
     frozen = policy.adaptive_drafting(verifier, draft)
     assert frozen.frozen and not frozen.timed and frozen.costs is not learning.costs  # not what was learned
     before = frozen.threshold()
     assert before == pytest.approx((1 / 0.010) * (0.1 * 0.010 + 0.0005))  # a fresh policy's: rate 1/pass, step 0.1
     for _ in range(5):
-        frozen.observe(Round(started=0.0, steps=4, draft_seconds=0.2, emitted=5.0, expected=1.0), ended=0.3)
+        frozen.observe(Round(0.0, 4, 0.2, 5.0, expected=[0.5], accepted=[1.0]), ended=0.3)
     assert frozen.threshold() == before and frozen.spec() == policy.adaptive_drafting(verifier, draft).spec()
     monkeypatch.setenv(policy.FROZEN_ENV, "0")
     assert not policy.adaptive_drafting(verifier, draft).frozen

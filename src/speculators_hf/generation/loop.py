@@ -287,7 +287,7 @@ def generate(
                     row_stats[row].draft_rounds += 1
                     row_stats[row].drafted_tokens += drafted.size
                 if drafting.timed:
-                    last_round = Round.of(drafted, round_start, draft_seconds, counts.float().mean().item())
+                    last_round = Round.of(drafted, round_start, draft_seconds, counts)
                 done = emit(emitted, counts)
                 if done.all():
                     break

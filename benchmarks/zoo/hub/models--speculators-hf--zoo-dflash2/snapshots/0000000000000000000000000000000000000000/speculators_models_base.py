@@ -1,0 +1,1 @@
+../../blobs/4c5dda548b15df3bf2e58828ca88331c6b04cacf2452b5afa790d086693a9ba4

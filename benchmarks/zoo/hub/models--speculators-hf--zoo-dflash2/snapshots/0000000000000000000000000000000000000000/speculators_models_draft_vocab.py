@@ -1,0 +1,1 @@
+../../blobs/31b7a4242fcff92d6bbe3e1c716c7030a5cab1f34dfc0317578030cf2ccb80fc

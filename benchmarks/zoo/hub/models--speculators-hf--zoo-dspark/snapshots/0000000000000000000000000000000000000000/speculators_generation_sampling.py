@@ -1,0 +1,1 @@
+../../blobs/508bff4523d4af8843f4f35ba6a42ae86587333db5f03bdabdc6adb05f02742f

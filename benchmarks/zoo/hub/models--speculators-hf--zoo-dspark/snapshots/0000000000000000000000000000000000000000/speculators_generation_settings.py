@@ -1,0 +1,1 @@
+../../blobs/0473bd45fa97f1d094782f70243d4ee01f2a2e86f3db2fcb312ade2e1ed7aa31

@@ -1,0 +1,1 @@
+../../blobs/17212afe2951fb2bea615e4c2b936f93f24c6de4fbdba31f07027371d38c5a6f

@@ -1,0 +1,1 @@
+../../blobs/86980549175e1ea7b293ca58fed2a4b8d5fb6c5aa61827eabb7fcae4b4e097e0
