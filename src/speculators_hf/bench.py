@@ -250,8 +250,8 @@ def run_bench(
 ) -> list[BenchResult]:
     """Benchmark every method on `prompts` (list of [1, n] id tensors). `drafts` maps a name to a bound draft.
     `k_values`: draft lengths, and "auto[:max]" for a row per draft with `num_assistant_tokens="auto"` (a draft
-    whose `auto` stops on its own acceptance head, DSpark's confidence head, gets a second row stopping on its
-    probability, "(k auto, probability stop)").
+    that can also stop on its own acceptance head, DSpark's confidence head, gets a row per other signal,
+    "(k auto, confidence stop)").
     `trees`: tree specs (see `TreeSpec.parse`, and "auto[:max]") to also run every draft with in the package's
     own loop.
     `batch_size` > 1: also the verifier alone and every draft (with each tree, or a chain of the middle k)
@@ -303,11 +303,12 @@ def run_bench(
     for k in k_values:
         if isinstance(k, str):  # "auto[:max]": our drafts only, the length chosen round by round
             methods += [draft_method(f"{name} (k {k})", draft, k) for name, draft in drafts.items()]
-            # a draft that stops on its own acceptance head (DSpark's confidence) also stops on its probability
+            # a draft that can also stop on its own acceptance head (DSpark's confidence): a row per other signal
             methods += [
-                draft_method(f"{name} (k {k}, probability stop)", draft, k, signal="probability")
+                draft_method(f"{name} (k {k}, {signal} stop)", draft, k, signal=signal)
                 for name, draft in drafts.items()
-                if getattr(draft, "acceptance_signal", "probability") != "probability"
+                for signal in getattr(draft, "acceptance_signals", ())
+                if signal != draft.acceptance_signal
             ]
             continue
         if assistant_lm is not None:

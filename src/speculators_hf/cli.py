@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--k", type=draft_lengths, default=[3, 5, 7], help="draft lengths, e.g. 3,5,7; 'auto' (or auto:<max>) adds a row "
         "per draft with the length chosen round by round for speed on this machine (num_assistant_tokens='auto'; a "
-        "DSpark draft, which stops on its confidence head, gets a second row stopping on its probability)",
+        "DSpark draft, which can also stop on its confidence head, gets a second row stopping on it)",
     )  # fmt: skip
     bench.add_argument("--max-new-tokens", type=positive_int, default=96)
     bench.add_argument("--dtype", default="float32")

@@ -157,7 +157,7 @@ def test_drafting_token_by_token_equals_the_parallel_forward(variant):
 
 
 def test_the_confidence_head_is_the_stop_signal_of_auto():
-    """With the confidence head, a chain that `auto` stops (`stop_below`) stops where the product of the head's
+    """With the confidence head chosen as the signal, a chain that `auto` stops (`stop_below`) stops where the product of the head's
     predicted acceptances falls below the threshold; each prediction is sigmoid of the library's confidence logit
     for that slot along the chain. "probability" reads the draft's probabilities instead: moving the head's bias
     then changes nothing (and with the head, it is what moves the stop)."""
@@ -176,7 +176,8 @@ def test_the_confidence_head_is_the_stop_signal_of_auto():
         with torch.no_grad():
             return feed_and_draft(draft, draft.new_tree_state(1), prompt, 0, features, k, sampler, stop_below)[0]
 
-    assert draft.acceptance_signal == "confidence"
+    assert draft.acceptance_signal == "probability" and draft.acceptance_signals == ("probability", "confidence")
+    draft.acceptance_signal = "confidence"
     full = chain(None)
     assert full.size == k and full.confidence is None
     features = [torch.cat([s, torch.zeros(1, k + 1, 32)], dim=1) for s in states]

@@ -1,1 +1,1 @@
-../../blobs/4c5dda548b15df3bf2e58828ca88331c6b04cacf2452b5afa790d086693a9ba4
+../../blobs/19371cad5c82e795fc470a0ac19b83fd989b4da57b2cad9ebfca115f86c37bb2
