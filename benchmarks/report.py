@@ -267,6 +267,21 @@ def _cpu_kernels(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _training(path: Path) -> str:
+    """A continued training run (`build_drafts.py --continue-steps`): held-out tau before and at each evaluation."""
+    data = json.loads(path.read_text())
+    lines = [
+        f"Run `{path.relative_to(ROOT)}`: `{data['command']}` on {data['cpu']} ({data['threads']} torch thread); "
+        f"{data['what']}.",
+        "",
+        "| steps after the published draft | held-out tau | acceptance rate |",
+        "|---|---|---|",
+        f"| 0 (published) | {data['published_tau']:.2f} | |",
+    ]
+    lines += [f"| {e['step']} | {e['tau']:.2f} | {e['acceptance_rate']:.3f} |" for e in data["evals"]]
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -284,6 +299,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "half": lambda p: _half(ROOT / p),
     "half_summary": lambda p: _half_summary(ROOT / p),
     "cpu_kernels": lambda p: _cpu_kernels(ROOT / p),
+    "training": lambda p: _training(ROOT / p),
 }
 
 
