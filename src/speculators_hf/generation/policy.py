@@ -3,17 +3,17 @@ device and how well the draft is doing in this generation.
 
 A round that drafts n tokens costs n draft steps plus one verifier pass over n + 1 tokens, and emits the
 accepted tokens plus one of the verifier's own. Drafting one more token adds the draft step c and the
-verification slope s (the verifier's pass is one token wider), and adds to the expected emitted tokens the
-chance that every token up to the new one is accepted: the draft's probability of the whole chain so far,
-times k_d, the rows accepting at that depth d per probability the draft gave it (`DraftingCosts.calibration`,
+verification slope s_d (the verifier's pass is one token wider; taken at that width, as a pass's cost is
+flat, then steeper), and adds to the expected emitted tokens the chance that every token up to the new one is
+accepted: the draft's probability of the whole chain so far, times k_d, the rows accepting at that depth d per probability the draft gave it (`DraftingCosts.calibration`,
 learned per depth: a draft grows overconfident with depth, e.g. past the steps it was trained to unroll). With
 the rounds emitting R tokens per second, the extra token raises the rate exactly when
 
-    k_d * p(chain) > R * (c + s)
+    k_d * p(chain) > R * (c + s_d)
 
 (a round's fixed costs, the rest of the verifier's pass and the loop's own work, are in R but do not grow
 with the draft). So the chain is drafted up to a maximum depth and stopped at the first depth d where the
-draft's probability of it falls below R * (c + s) / k_d: EAGLE-2's observation that the draft's confidence
+draft's probability of it falls below R * (c + s_d) / k_d: EAGLE-2's observation that the draft's confidence
 predicts acceptance, turned into a stopping rule with the machine's costs in it. The rule reads only the
 draft's probabilities, the costs and the acceptance counts of past rounds: which tokens are emitted, and
 their distribution when sampling, stay exactly the verifier's.

@@ -41,7 +41,7 @@ class TreeSpec:
     choices: tuple[tuple[int, ...], ...] = ()  # static: paths of ranks
     stop_below: float | None = None  # chain: stop once the draft's probability of the chain (row mean) is below
     # chain with stop_below: per depth, what the chain's probability is multiplied by before that comparison (auto:
-    # that depth's calibration and its cost against the base threshold's); depths past the end take the last; () 1
+    # that depth's calibration and its cost against the base threshold's); past its end the last; empty: 1
     stop_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
