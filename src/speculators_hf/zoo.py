@@ -134,6 +134,20 @@ def refresh_remote_code() -> None:
                 blob.unlink()
 
 
-if __name__ == "__main__":  # python -m speculators_hf.zoo: bring the zoo's remote code up to date
+def refresh_folder_remote_code(folder: Path, family: str) -> None:
+    """Rewrite the remote-code files of a draft saved as a plain folder (e.g. the SmolLM2 walkthrough's draft)."""
+    from .models import FAMILIES
+    from .remote_code import write_remote_code
+
+    for old in folder.glob("speculators_*.py"):
+        old.unlink()
+    write_remote_code(FAMILIES[family], folder)
+
+
+if __name__ == "__main__":  # python -m speculators_hf.zoo: bring the committed drafts' remote code up to date
     refresh_remote_code()
+    root = zoo_dir()
+    smollm2 = None if root is None else root.parent / "smollm2" / "eagle3"
+    if smollm2 is not None and smollm2.is_dir():
+        refresh_folder_remote_code(smollm2, "eagle3")
     print("zoo remote code refreshed" if not remote_code_drift() else "zoo remote code still differs")

@@ -15,6 +15,22 @@ def test_the_zoo_remote_code_equals_the_package_modules():
     assert remote_code_drift() == {}, "run `python -m speculators_hf.zoo` to refresh the zoo's remote code"
 
 
+def test_the_committed_smollm2_draft_carries_todays_remote_code(tmp_path):
+    """`benchmarks/smollm2/eagle3` (the README walkthrough's trained draft) ships remote code too: a user loading it
+    with `trust_remote_code=True` must get the package's modules of this commit."""
+    from pathlib import Path
+
+    from speculators_hf.models import FAMILIES
+    from speculators_hf.remote_code import write_remote_code
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2" / "eagle3"
+    write_remote_code(FAMILIES["eagle3"], tmp_path)
+    fresh = {p.name: p.read_bytes() for p in tmp_path.glob("speculators_*.py")}
+    committed = {p.name: p.read_bytes() for p in folder.glob("speculators_*.py")}
+    stale = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
+    assert not stale, f"{stale} differ: run `python -m speculators_hf.zoo` to refresh {folder} and the zoo"
+
+
 def test_a_zoo_draft_runs_as_remote_code_without_the_package(tmp_path):
     root = zoo_dir()
     out = run_without_package(

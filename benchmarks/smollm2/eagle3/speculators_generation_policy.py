@@ -4,17 +4,17 @@ device and how well the draft is doing in this generation.
 
 A round that drafts n tokens costs n draft steps plus one verifier pass over n + 1 tokens, and emits the
 accepted tokens plus one of the verifier's own. Drafting one more token adds the draft step c and the
-verification slope s (the verifier's pass is one token wider), and adds to the expected emitted tokens the
-chance that every token up to the new one is accepted: the draft's probability of the whole chain so far,
-times k, the tokens accepted per token those probabilities predicted (`DraftingCosts.calibration`,
-learned; below 1 for an overconfident draft). With the rounds emitting R tokens per second, the extra
-token raises the rate exactly when
+verification slope s_d (the verifier's pass is one token wider; taken at that width, as a pass's cost is
+flat, then steeper), and adds to the expected emitted tokens the chance that every token up to the new one is
+accepted: the draft's probability of the whole chain so far, times k_d, the rows accepting at that depth d per probability the draft gave it (`DraftingCosts.calibration`,
+learned per depth: a draft grows overconfident with depth, e.g. past the steps it was trained to unroll). With
+the rounds emitting R tokens per second, the extra token raises the rate exactly when
 
-    k * p(chain) > R * (c + s)
+    k_d * p(chain) > R * (c + s_d)
 
 (a round's fixed costs, the rest of the verifier's pass and the loop's own work, are in R but do not grow
-with the draft). So the chain is drafted up to a maximum depth and stopped at the first depth where the
-draft's probability of it falls below R * (c + s) / k: EAGLE-2's observation that the draft's confidence
+with the draft). So the chain is drafted up to a maximum depth and stopped at the first depth d where the
+draft's probability of it falls below R * (c + s_d) / k_d: EAGLE-2's observation that the draft's confidence
 predicts acceptance, turned into a stopping rule with the machine's costs in it. The rule reads only the
 draft's probabilities, the costs and the acceptance counts of past rounds: which tokens are emitted, and
 their distribution when sampling, stay exactly the verifier's.
@@ -144,12 +144,21 @@ class Round:
     steps: int  # draft forward steps after the root (a chain's tokens less one)
     draft_seconds: float  # their time
     emitted: float  # tokens emitted: the accepted draft tokens plus the verifier's own (per row, on average)
-    expected: float | None  # the accepted tokens the draft expected: the sum of its chain probabilities; None: a tree
+    # chains stopped on confidence, per depth d = 1, 2, ...: the draft's probability of the chain up to d (row mean),
+    # and the share of rows that accepted d tokens or more; None: no confidence (a tree, a fixed chain)
+    expected: list[float] | None = None
+    accepted: list[float] | None = None
 
     @classmethod
-    def of(cls, tree: DraftTree, started: float, draft_seconds: float, emitted: float) -> Round:
-        expected = None if tree.confidence is None else tree.confidence.sum(1).mean().item()
-        return cls(started, tree.max_depth - 1, draft_seconds, emitted, expected)
+    def of(cls, tree: DraftTree, started: float, draft_seconds: float, emitted: float | torch.Tensor) -> Round:
+        """`emitted`: the tokens each row emitted this round ([B]), or their mean."""
+        per_row = torch.as_tensor(emitted, dtype=torch.float32).reshape(-1).cpu()
+        expected = accepted = None
+        if tree.confidence is not None:
+            expected = tree.confidence.float().mean(0).tolist()
+            depths = torch.arange(1, len(expected) + 1, dtype=torch.float32)
+            accepted = ((per_row[:, None] - 1) >= depths).float().mean(0).tolist()
+        return cls(started, tree.max_depth - 1, draft_seconds, per_row.mean().item(), expected, accepted)
 
 
 @dataclass
@@ -157,24 +166,29 @@ class DraftingCosts:
     """What rounds cost and bring for one draft with one verifier on one device, in seconds: `verify` maps
     a width to the seconds of a verifier pass over that many tokens (measured once, shared by the drafts of
     that verifier). Learned as generation goes, and kept for the next generation: `draft_step` (seconds
-    per draft step) and the running means of tokens emitted per round, of a round's wall time, and of the
-    draft tokens accepted and expected per round (how well calibrated the draft's probabilities are)."""
+    per draft step) and the running means of tokens emitted per round, of a round's wall time, and, per depth of
+    the chain, of the rows' acceptance and the draft's probability of the chain there (how well calibrated the
+    draft's probabilities are at that depth: drafts grow overconfident with depth)."""
 
     verify: dict[int, float]
     draft_step: float | None = None
     emitted: float | None = None
     round_seconds: float | None = None
-    accepted: float | None = None
-    expected: float | None = None
+    accepted: list[float] = field(default_factory=list)  # per depth (index 0: depth 1)
+    expected: list[float] = field(default_factory=list)
     smoothing: float = 0.05  # weight of the newest round in the running means
 
     def verify_seconds(self, width: float) -> float:
         return interpolate(self.verify, width)
 
-    def slope(self, max_depth: int) -> float:
+    def slope(self, max_depth: int, width: int | None = None) -> float:
         """Extra seconds of the verifier's pass per token: the least-squares slope over the measured widths
-        up to max_depth + 1 (robust to one noisy width)."""
+        up to max_depth + 1 (robust to one noisy width); with `width`, over the measured widths within
+        max(2, width // 2) of it (a pass's cost is flat, then steeper: the slope where the chain is)."""
         points = [(n, t) for n, t in self.verify.items() if n <= max_depth + 1] or list(self.verify.items())
+        if width is not None:
+            near = [(n, t) for n, t in points if abs(n - width) <= max(2, width // 2)]
+            points = near if len(near) >= 3 else points
         mean_n = sum(n for n, _ in points) / len(points)
         mean_t = sum(t for _, t in points) / len(points)
         spread = sum((n - mean_n) ** 2 for n, _ in points)
@@ -192,13 +206,14 @@ class DraftingCosts:
             return 1.0 / self.verify_seconds(1)
         return self.emitted / self.round_seconds
 
-    @property
-    def calibration(self) -> float:
-        """Draft tokens accepted per token the draft's own probabilities expected (1: calibrated, below 1:
-        overconfident), kept within [0.5, 2]; 1 before any chain was observed."""
-        if not self.accepted or not self.expected:
-            return 1.0
-        return min(max(self.accepted / self.expected, 0.5), 2.0)
+    def calibration(self, depth: int | None = None) -> tuple[float, ...]:
+        """Per depth 1, 2, ... (up to `depth`, else as far as observed): the share of rows accepting there per
+        chain probability the draft gave it (1: calibrated, below 1: overconfident), kept within [0.25, 2];
+        depths not observed yet take the deepest observed one's; () before any chain was observed."""
+        ratios = [min(max(a / e, 0.25), 2.0) if e > 0 else 1.0 for a, e in zip(self.accepted, self.expected)]
+        if ratios and depth is not None:
+            ratios = (ratios + ratios[-1:] * depth)[:depth]
+        return tuple(ratios)
 
     def observe(self, done: Round, seconds: float) -> None:
         """A round that took `seconds` in all."""
@@ -210,9 +225,14 @@ class DraftingCosts:
             self.draft_step = mean(self.draft_step, done.draft_seconds / done.steps)
         self.emitted = mean(self.emitted, done.emitted)
         self.round_seconds = mean(self.round_seconds, seconds)
-        if done.expected is not None:
-            self.accepted = mean(self.accepted, done.emitted - 1)
-            self.expected = mean(self.expected, done.expected)
+        if done.expected is not None and done.accepted is not None:
+            for d, (accepted, expected) in enumerate(zip(done.accepted, done.expected)):
+                if d < len(self.expected):
+                    self.accepted[d] = mean(self.accepted[d], accepted)
+                    self.expected[d] = mean(self.expected[d], expected)
+                else:  # a depth reached for the first time
+                    self.accepted.append(accepted)
+                    self.expected.append(expected)
 
 
 _VERIFY: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int, str], dict[int, float]]] = weakref.WeakKeyDictionary()
@@ -395,11 +415,22 @@ class AdaptiveDrafting:
         """Whether the loop should time the draft for `observe`."""
         return not self.frozen
 
-    def threshold(self) -> float:
-        """The draft probability of the chain below which one more draft token costs more than it brings."""
+    def threshold(self, depth: int | None = None) -> float:
+        """The calibrated probability of the chain (`DraftingCosts.calibration` times the draft's) below which one
+        more draft token costs more than it brings; after `depth` tokens, with the verification slope at the pass
+        width one more token makes (depth + 2), else over the whole pass."""
         costs = self.costs
         step = costs.draft_step if costs.draft_step is not None else 0.1 * costs.verify_seconds(1)
-        return min(costs.rate * (step + costs.slope(self.max_depth)) / costs.calibration, 0.99)
+        slope = costs.slope(self.max_depth, None if depth is None else depth + 2)
+        return min(costs.rate * (step + slope), 0.99)
+
+    def chain(self, depth: int) -> TreeSpec:
+        """A chain of at most `depth` tokens stopped where, at that depth, the calibrated probability falls below
+        that depth's threshold (`threshold(d)`; expressed as one threshold and a scale per depth)."""
+        base = self.threshold()
+        calibration = self.costs.calibration(depth) or (1.0,) * depth
+        scale = tuple(k * base / max(self.threshold(d), 1e-12) for d, k in enumerate(calibration, start=1))
+        return TreeSpec.chain(depth, stop_below=base, stop_scale=scale)
 
     def spec(self, max_depth: int | None = None) -> TreeSpec:
         """The tree of the next round, at most `max_depth` deep (a draft's limit, or the room left)."""
@@ -408,7 +439,7 @@ class AdaptiveDrafting:
         if self.trees and depth > 1 and width >= 4 * depth:  # wide passes nearly free: verify a tree
             top_k = min(8, width // depth)
             return TreeSpec.dynamic(depth, top_k=top_k, total_tokens=width)
-        return TreeSpec.chain(depth, stop_below=self.threshold())
+        return self.chain(depth)
 
     def observe(self, done: Round, ended: float) -> None:
         """After round `done`, which ended (the next round's draft began) at `ended` (time.perf_counter())."""

@@ -44,11 +44,12 @@ def feed_and_draft(
     sampler: Sampler,
     stop_below: float | None = None,
     timed: bool = False,
+    stop_scale: tuple[float, ...] = (),
 ) -> tuple[DraftTree, float]:
     """Feed one sequence's tokens at positions start, start+1, ... (`tokens` [1, A]; `features`: the verifier's
     hidden states at the positions before them, start - 1 first, one [1, A, H] tensor per layer id), then draft a
-    chain of `num_tokens` after the last of them (stopped early once the draft's probability of the chain is
-    below `stop_below`) and drop the drafted entries from `state` again.
+    chain of `num_tokens` after the last of them (stopped early once the draft's probability of the chain, times
+    `stop_scale` at that depth, is below `stop_below`) and drop the drafted entries from `state` again.
     Returns the chain (its `tokens` [1, k] and the processed `scores` [1, k, V] each was picked from) and the
     seconds it took after the feed (`timed`; else 0.0, with no device synchronisation); k may be below `num_tokens` for drafts that cannot predict that far
     (`max_tree_depth`) and where the chain stopped early."""
@@ -59,7 +60,13 @@ def feed_and_draft(
         sync(tokens.device)
     began = time.perf_counter()
     chain = build_tree(
-        draft, state, TreeSpec.chain(num_tokens, stop_below), sampler, root_logits, root_handle, positions[:, -1]
+        draft,
+        state,
+        TreeSpec.chain(num_tokens, stop_below, stop_scale),
+        sampler,
+        root_logits,
+        root_handle,
+        positions[:, -1],
     )
     if state.cache is not None:
         state.cache.truncate()
@@ -113,10 +120,11 @@ class DraftSession:
         if self.policy is not None and self.last_round is not None:
             before, chain, seconds, started = self.last_round  # the sequence grew by what was kept, plus one
             self.policy.observe(Round.of(chain, started, seconds, emitted=n - before), round_start)
-        stop_below = None
+        stop_below: float | None = None
+        stop_scale: tuple[float, ...] = ()
         if self.policy is not None:
             spec = self.policy.spec(num_tokens)
-            num_tokens, stop_below = spec.depth, spec.stop_below
+            num_tokens, stop_below, stop_scale = spec.depth, spec.stop_below, spec.stop_scale
 
         device = self.draft.device
         if self.draft.verifier_layer_ids():
@@ -144,6 +152,7 @@ class DraftSession:
             sampler,
             stop_below,
             timed=self.policy is not None,
+            stop_scale=stop_scale,
         )
         self.last_round = (n, chain, chain_seconds, round_start)
         tokens, scores = chain.tokens, chain.scores

@@ -41,6 +41,9 @@ class TreeSpec:
     beam: int | None = None  # dynamic: nodes expanded per depth (default: top_k)
     choices: tuple[tuple[int, ...], ...] = ()  # static: paths of ranks
     stop_below: float | None = None  # chain: stop once the draft's probability of the chain (row mean) is below
+    # chain with stop_below: per depth, what the chain's probability is multiplied by before that comparison (auto:
+    # that depth's calibration and its cost against the base threshold's); past its end the last; empty: 1
+    stop_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("chain", "dynamic", "static"):
@@ -65,8 +68,8 @@ class TreeSpec:
             )
 
     @classmethod
-    def chain(cls, depth: int, stop_below: float | None = None) -> TreeSpec:
-        return cls("chain", depth=depth, stop_below=stop_below)
+    def chain(cls, depth: int, stop_below: float | None = None, stop_scale: tuple[float, ...] = ()) -> TreeSpec:
+        return cls("chain", depth=depth, stop_below=stop_below, stop_scale=tuple(stop_scale))
 
     @classmethod
     def dynamic(
@@ -101,7 +104,7 @@ class TreeSpec:
         if stop_below is not None:
             return cls.chain(args[0], stop_below=stop_below)
         if kind == "chain" and len(args) <= 1:
-            return cls.chain(*(args or [default_depth]))
+            return cls.chain(args[0] if args else default_depth)
         if kind == "dynamic" and len(args) <= 4:
             return cls.dynamic(*(args or [default_depth]))
         raise ValueError(
@@ -253,7 +256,8 @@ def _chain(fed: _FedNodes, spec: TreeSpec, sampler: Any, logits: torch.Tensor) -
             else:
                 p = torch.softmax(token_scores.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
             confidence.append(p * confidence[-1] if confidence else p)
-            if bool(confidence[-1].mean() < spec.stop_below):
+            scale = spec.stop_scale[min(depth, len(spec.stop_scale)) - 1] if spec.stop_scale else 1.0
+            if bool(confidence[-1].mean() * scale < spec.stop_below):
                 break
         if depth < spec.depth and later is not None:
             logits = later[:, depth - 1]

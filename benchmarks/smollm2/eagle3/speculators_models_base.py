@@ -137,6 +137,8 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     # far; "confidence", the product of the acceptance rates the draft's own head predicts for each slot
     # (`predicted_acceptance`; DSpark's confidence head). An instance attribute may override it per draft.
     acceptance_signal: str = "probability"
+    # the signals this draft can stop on (a family with an acceptance head adds "confidence")
+    acceptance_signals: tuple[str, ...] = ("probability",)
     # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
     # package is imported; a copy loaded as remote code has none and keeps the card already saved.
     card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
