@@ -82,24 +82,37 @@ def zoo_prompts() -> list[torch.Tensor]:
     return [torch.tensor([p]) for p in json.loads((root / "prompts.json").read_text())]
 
 
-def remote_code_drift() -> dict[str, list[str]]:
-    """Per zoo draft, the remote-code files (`speculators_*.py`) whose published copy differs from what this
-    package writes now (missing, extra or different): empty when the zoo is up to date."""
+def folder_remote_code_drift(folder: Path, family: str) -> list[str]:
+    """The remote-code files (`speculators_*.py`) of the draft in `folder` that differ from what this package
+    writes now for `family` (missing, extra or different): empty when the folder is up to date."""
     import tempfile
 
     from .models import FAMILIES
     from .remote_code import write_remote_code
 
+    with tempfile.TemporaryDirectory() as tmp:
+        write_remote_code(FAMILIES[family], tmp)
+        fresh = {p.name: p.read_bytes() for p in Path(tmp).glob("speculators_*.py")}
+    saved = {p.name: p.read_bytes() for p in folder.glob("speculators_*.py")}
+    return sorted(n for n in fresh.keys() | saved.keys() if fresh.get(n) != saved.get(n))
+
+
+def smollm2_draft_dir() -> Path | None:
+    """The README walkthrough's trained SmolLM2 draft (`benchmarks/smollm2/eagle3`), beside the zoo, if present."""
+    root = zoo_dir()
+    folder = None if root is None else root.parent / "smollm2" / "eagle3"
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def remote_code_drift() -> dict[str, list[str]]:
+    """Per zoo draft, the remote-code files (`speculators_*.py`) whose published copy differs from what this
+    package writes now (missing, extra or different): empty when the zoo is up to date."""
     root = zoo_dir()
     assert root is not None
     drift = {}
     for family in zoo_families():
         snapshot = next((root / "hub" / f"models--speculators-hf--zoo-{family}" / "snapshots").iterdir())
-        with tempfile.TemporaryDirectory() as tmp:
-            write_remote_code(FAMILIES[family], tmp)
-            fresh = {p.name: p.read_bytes() for p in Path(tmp).glob("speculators_*.py")}
-        published = {p.name: p.read_bytes() for p in snapshot.glob("speculators_*.py")}
-        names = sorted(n for n in fresh.keys() | published.keys() if fresh.get(n) != published.get(n))
+        names = folder_remote_code_drift(snapshot, family)
         if names:
             drift[family] = names
     return drift
@@ -146,8 +159,7 @@ def refresh_folder_remote_code(folder: Path, family: str) -> None:
 
 if __name__ == "__main__":  # python -m speculators_hf.zoo: bring the committed drafts' remote code up to date
     refresh_remote_code()
-    root = zoo_dir()
-    smollm2 = None if root is None else root.parent / "smollm2" / "eagle3"
-    if smollm2 is not None and smollm2.is_dir():
+    smollm2 = smollm2_draft_dir()
+    if smollm2 is not None:
         refresh_folder_remote_code(smollm2, "eagle3")
     print("zoo remote code refreshed" if not remote_code_drift() else "zoo remote code still differs")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_without_package
 
-from speculators_hf.zoo import remote_code_drift, zoo_dir
+from speculators_hf.zoo import folder_remote_code_drift, remote_code_drift, smollm2_draft_dir, zoo_dir
 
 pytestmark = pytest.mark.skipif(zoo_dir() is None, reason="the benchmark zoo is not in this checkout")
 
@@ -15,19 +15,12 @@ def test_the_zoo_remote_code_equals_the_package_modules():
     assert remote_code_drift() == {}, "run `python -m speculators_hf.zoo` to refresh the zoo's remote code"
 
 
-def test_the_committed_smollm2_draft_carries_todays_remote_code(tmp_path):
+def test_the_committed_smollm2_draft_carries_todays_remote_code():
     """`benchmarks/smollm2/eagle3` (the README walkthrough's trained draft) ships remote code too: a user loading it
     with `trust_remote_code=True` must get the package's modules of this commit."""
-    from pathlib import Path
-
-    from speculators_hf.models import FAMILIES
-    from speculators_hf.remote_code import write_remote_code
-
-    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "smollm2" / "eagle3"
-    write_remote_code(FAMILIES["eagle3"], tmp_path)
-    fresh = {p.name: p.read_bytes() for p in tmp_path.glob("speculators_*.py")}
-    committed = {p.name: p.read_bytes() for p in folder.glob("speculators_*.py")}
-    stale = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
+    folder = smollm2_draft_dir()
+    assert folder is not None, "benchmarks/smollm2/eagle3 is missing from this checkout"
+    stale = folder_remote_code_drift(folder, "eagle3")
     assert not stale, f"{stale} differ: run `python -m speculators_hf.zoo` to refresh {folder} and the zoo"
 
 
