@@ -182,7 +182,7 @@ def main() -> None:
         follow_ups = FOLLOW_UPS.get(family, [])
         if follow_ups:
             draft = sh.load_draft(out / "final").bind_verifier(verifier)
-            features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+            features = draft_features(draft, verifier, input_ids, data_dir)
             for n, stage in enumerate(follow_ups, start=2):
                 config = TrainConfig(
                     output_dir=str(out / f"stage{n}"), save_every=500, log_every=50, eval_max_new_tokens=64, **stage
@@ -190,6 +190,14 @@ def main() -> None:
                 dataset = DraftDataset(input_ids, loss_mask, features)
                 result = train(draft, verifier, dataset, config, eval_prompts=eval_prompts)
                 print(f"{family} stage {n}: {result['evals']}")
+
+
+def draft_features(draft, verifier, input_ids, data_dir: Path):
+    """The verifier's hidden states `draft` reads, cached once per layer set under `data_dir`; None for drafts that
+    read only tokens."""
+    if not draft.verifier_layer_ids():
+        return None
+    return cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
 
 
 def train_first_stage(
@@ -202,9 +210,7 @@ def train_first_stage(
     if getattr(draft, "d2t", None) is not None:
         select_draft_vocab(draft, input_ids, loss_mask)
         draft.init_from_verifier(verifier)
-    features = None
-    if draft.verifier_layer_ids():
-        features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+    features = draft_features(draft, verifier, input_ids, data_dir)
     print(f"{family}: untrained {measure_acceptance(verifier, draft, eval_prompts, 64)}")
     settings = {**settings, "steps": int(settings["steps"] * steps_scale)}
     config = TrainConfig(
@@ -226,9 +232,7 @@ def continue_published(
         print(f"{family}: already continued in {out}")
         return
     draft = load_zoo_draft(family, verifier=verifier)
-    features = None
-    if draft.verifier_layer_ids():
-        features = cache_features(verifier, input_ids, draft.verifier_layer_ids(), data_dir, shard_blocks=128)
+    features = draft_features(draft, verifier, input_ids, data_dir)
     last = (FOLLOW_UPS.get(family) or [RECIPES[family][1]])[-1]
     settings = {**last, "steps": steps, "learning_rate": 1e-3, "warmup_steps": 20}
     config = TrainConfig(
