@@ -201,6 +201,20 @@ def test_the_confidence_head_is_the_stop_signal_of_auto():
     assert chain(threshold).size == 1
 
 
+def test_greedy_exact_when_auto_stops_on_the_confidence_head():
+    """The head's stop changes only how long the chains are: the output stays the verifier's in both loops."""
+    verifier = make_verifier("qwen3", eos_token_id=None)
+    draft = sh.DSparkSpeculator.from_verifier(verifier, draft_vocab_size=verifier.config.vocab_size, block_size=4)
+    draft.acceptance_signal = "confidence"
+    for prompt in make_prompts(2, seed=3):
+        ref = verifier.generate(prompt, max_new_tokens=14, do_sample=False)
+        got = verifier.generate(
+            prompt, max_new_tokens=14, do_sample=False, assistant_model=draft, num_assistant_tokens="auto"
+        )
+        assert torch.equal(ref, got)
+        assert torch.equal(ref, sh.generate(verifier, draft, prompt, tree="auto", max_new_tokens=14))
+
+
 def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(p.shape[1] for p in prompts)
     ids, mask = torch.zeros(len(prompts), width, dtype=torch.long), torch.zeros(len(prompts), width, dtype=torch.long)
