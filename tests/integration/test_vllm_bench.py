@@ -115,6 +115,13 @@ def test_rows_from_engine_outputs_and_a_refused_draft_is_a_note(tmp_path, capsys
     )
     assert verifier_reference(export) == str(tmp_path / "verifier")
 
+    # without the verifier-alone engine (benchmarks/engine_ab.py): the drafts' rows only, and no verifier job run
+    alone_only = tmp_path / "alone-only"
+    rows = vllm_peer_rows(engine, tmp_path / "verifier", {"ok": draft}, 3, prompts, 4, reference, 8.0,
+                          work_dir=alone_only, with_verifier_alone=False)  # fmt: skip
+    assert [r.method for r in rows] == ["vLLM-CPU: ok"] and rows[0].tau == 2.0
+    assert not (alone_only / "verifier.job.json").exists()
+
 
 @pytest.mark.vllm
 @pytest.mark.skipif(

@@ -108,6 +108,11 @@ class VerifierTap:
     def disarm(self) -> None:
         self.armed, self.states = False, {}
 
+    @property
+    def hook_ids(self) -> set[int]:
+        """The handle ids of the tap's hooks (they only observe: `lean.LeanPass` may run without them)."""
+        return {handle.id for handle in self._handles}
+
     def remove(self) -> None:
         self.disarm()
         for handle in self._handles:

