@@ -32,7 +32,7 @@ from speculators_hf.bench import machine_description
 from speculators_hf.cpu_kernels import use_cpu_kernels
 from speculators_hf.engines.vllm_bench import vllm_peer_rows
 from speculators_hf.loading import load_tokenizer
-from speculators_hf.prompts import prompt_ids, use_chat
+from speculators_hf.prompts import prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/smollm2-engine-ab")
     args = parser.parse_args()
     verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(args.verifier)
+    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
+    # prompts as token ids (the zoo's) need no tokenizer; text goes through the verifier's, with its chat template
+    tokenizer = load_tokenizer(args.verifier) if any(isinstance(t, str) for t in texts) else None
     draft = load_draft(args.draft).bind_verifier(verifier, tokenizer=tokenizer)
     use_cpu_kernels("auto", verifier, draft)
-    chat = use_chat(tokenizer, None)
-    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
-    prompts = [torch.tensor([t if isinstance(t, list) else prompt_ids(tokenizer, t, chat)]) for t in texts]
+    prompts = prompt_tensors(texts, tokenizer)
     new = args.max_new_tokens
     loops = {
         "own loop": lambda p: generate(verifier, draft, p, tree=f"chain:{args.k}", max_new_tokens=new, do_sample=False),

@@ -33,7 +33,7 @@ from speculators_hf.generation.kvcache import additive_mask, cache_kwargs, causa
 from speculators_hf.generation.lean import LeanPass
 from speculators_hf.generation.loop import generate
 from speculators_hf.loading import load_tokenizer
-from speculators_hf.prompts import prompt_ids, use_chat
+from speculators_hf.prompts import prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,12 +128,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lean-pass")
     args = parser.parse_args()
     verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(args.verifier)
+    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
+    # prompts as token ids (the zoo's) need no tokenizer; text goes through the verifier's, with its chat template
+    tokenizer = load_tokenizer(args.verifier) if any(isinstance(t, str) for t in texts) else None
     draft = load_draft(args.draft).bind_verifier(verifier, tokenizer=tokenizer)
     use_cpu_kernels(args.cpu_kernels, verifier, draft)
-    chat = use_chat(tokenizer, None)
-    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
-    prompts = [torch.tensor([t if isinstance(t, list) else prompt_ids(tokenizer, t, chat)]) for t in texts]
+    prompts = prompt_tensors(texts, tokenizer)
     widths = [int(w) for w in args.widths.split(",")]
     lean = LeanPass.of(verifier, [0], draft._binding["tap"].hook_ids)
     if lean is None:

@@ -26,7 +26,7 @@ from .arguments import (
 )
 from .cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
 from .cpu_kernels import use_cpu_kernels
-from .prompts import prompt_ids, use_chat
+from .prompts import prompt_ids, prompt_tensors, use_chat
 
 CPU_KERNELS_HELP = (
     "linear kernels on the CPU: onednn = float32 weights prepacked for oneDNN, as vLLM's CPU backend runs them "
@@ -197,8 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             AutoModelForCausalLM.from_pretrained(args.assistant_lm, dtype=dtype).eval() if args.assistant_lm else None
         )
         texts = json.loads(Path(args.prompts).read_text()) if args.prompts else ["def main():\n"]
-        chat = use_chat(tokenizer, args.chat)
-        prompts = [torch.tensor([t if isinstance(t, list) else prompt_ids(tokenizer, t, chat)]) for t in texts]
+        prompts = prompt_tensors(texts, tokenizer, args.chat)
     if args.device:
         verifier.to(args.device)
         for draft in drafts.values():

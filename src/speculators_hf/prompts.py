@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -44,3 +46,13 @@ def prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
     if chat:
         return chat_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
     return list(tokenizer(text).input_ids)
+
+
+def prompt_tensors(prompts: list[Any], tokenizer: Any = None, chat: bool | None = None) -> list[torch.Tensor]:
+    """Prompts given as token-id lists or text, as [1, n] id tensors: ids as they are, text through `prompt_ids`
+    (the chat template as `use_chat` decides). `tokenizer` is needed only for text."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts and tokenizer is None:
+        raise ValueError(f"prompt {texts[0][:40]!r} is text: a tokenizer is needed to turn it into ids")
+    templated = use_chat(tokenizer, chat) if texts else False
+    return [torch.tensor([p if isinstance(p, list) else prompt_ids(tokenizer, p, templated)]) for p in prompts]
