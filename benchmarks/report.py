@@ -15,7 +15,8 @@ results.json: the run's command and machine, then its table and the verifier's p
 `walkthrough` (`benchmarks/walkthrough.py`), `parallel` (`benchmarks/parallel_cost.py`), `half` and `half_summary`
 (`benchmarks/half_precision.py`: per verifier and method, and pooled by kind of method), `cpu_kernels`
 (`benchmarks/cpu_kernels.py`), `training` (`benchmarks/zoo/build_drafts.py --continue-steps`), `lean_pass`
-(`benchmarks/lean_pass.py`), `engine_ab` (`benchmarks/engine_ab.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
+(`benchmarks/lean_pass.py`), `engine_ab` (`benchmarks/engine_ab.py`),
+`pack_threshold` (`benchmarks/pack_threshold.py`). The prose of BENCHMARKS.md may only quote figures that appear in a
 block (`figures_without_a_source`; tests/unit/test_benchmarks_doc.py checks both rules).
 """
 
@@ -344,6 +345,26 @@ def _engine_ab(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _pack_threshold(path: Path) -> str:
+    """`benchmarks/pack_threshold.py`: the own loop and the verifier alone by packing threshold."""
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["results"]
+    names = [k for k in rows[0] if k != "min_elements"]
+    lines = [
+        f"Run `{path.relative_to(ROOT)}`: `{meta['command']}` on {meta['machine']}; the zoo's EAGLE-3 draft, "
+        f"{meta['prompts']} prompts x {meta['max_new_tokens']} new tokens, greedy, the own loop with a chain of "
+        f"{meta['k']}; tokens/s, median of {meta['repeats']} repeats (thresholds in rotated order).",
+        "",
+        "| linears packed: at least this many weights | " + " | ".join(names) + " | same tokens |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for row in rows:
+        same = all(row[n]["same_tokens"] for n in names)
+        cells = [f"{row[n]['median']:.1f}" for n in names]
+        lines.append(f"| {row['min_elements']} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
 def _machine(machine: Any) -> str:
     if isinstance(machine, str):
         return machine
@@ -364,6 +385,7 @@ RENDERERS: dict[str, Callable[[str], str]] = {
     "training": lambda p: _training(ROOT / p),
     "lean_pass": lambda p: _lean_pass(ROOT / p),
     "engine_ab": lambda p: _engine_ab(ROOT / p),
+    "pack_threshold": lambda p: _pack_threshold(ROOT / p),
 }
 
 
