@@ -25,14 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from speculators_hf import generate, load_draft
-from speculators_hf.bench import machine_description
-from speculators_hf.cpu_kernels import use_cpu_kernels
+from speculators_hf import generate
+from speculators_hf.bench import load_pair, machine_description
 from speculators_hf.engines.vllm_bench import vllm_peer_rows
-from speculators_hf.loading import load_tokenizer
-from speculators_hf.prompts import prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,13 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/smollm2-engine-ab")
     args = parser.parse_args()
-    verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32).eval()
-    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
-    # prompts as token ids (the zoo's) need no tokenizer; text goes through the verifier's, with its chat template
-    tokenizer = load_tokenizer(args.verifier) if any(isinstance(t, str) for t in texts) else None
-    draft = load_draft(args.draft).bind_verifier(verifier, tokenizer=tokenizer)
-    use_cpu_kernels("auto", verifier, draft)
-    prompts = prompt_tensors(texts, tokenizer)
+    verifier, draft, prompts = load_pair(args.verifier, args.draft, args.prompts, args.num_prompts, "auto")
     new = args.max_new_tokens
     loops = {
         "own loop": lambda p: generate(verifier, draft, p, tree=f"chain:{args.k}", max_new_tokens=new, do_sample=False),

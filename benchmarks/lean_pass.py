@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from speculators_hf import load_draft
-from speculators_hf.bench import machine_description
-from speculators_hf.cpu_kernels import use_cpu_kernels
+from speculators_hf.bench import load_pair, machine_description
 from speculators_hf.generation.kvcache import additive_mask, cache_kwargs, causal_block
 from speculators_hf.generation.lean import LeanPass
 from speculators_hf.generation.loop import generate
-from speculators_hf.loading import load_tokenizer
-from speculators_hf.prompts import prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,13 +123,7 @@ def main() -> None:
     parser.add_argument("--cpu-kernels", choices=["onednn", "torch"], default="onednn")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lean-pass")
     args = parser.parse_args()
-    verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32).eval()
-    texts = json.loads(Path(args.prompts).read_text())[: args.num_prompts]
-    # prompts as token ids (the zoo's) need no tokenizer; text goes through the verifier's, with its chat template
-    tokenizer = load_tokenizer(args.verifier) if any(isinstance(t, str) for t in texts) else None
-    draft = load_draft(args.draft).bind_verifier(verifier, tokenizer=tokenizer)
-    use_cpu_kernels(args.cpu_kernels, verifier, draft)
-    prompts = prompt_tensors(texts, tokenizer)
+    verifier, draft, prompts = load_pair(args.verifier, args.draft, args.prompts, args.num_prompts, args.cpu_kernels)
     widths = [int(w) for w in args.widths.split(",")]
     lean = LeanPass.of(verifier, [0], draft._binding["tap"].hook_ids)
     if lean is None:

@@ -502,6 +502,30 @@ def _tree_run(
     return run
 
 
+def load_pair(
+    verifier_dir: str | Path,
+    draft_dir: str | Path,
+    prompts_file: str | Path,
+    num_prompts: int,
+    cpu_kernels: str = "auto",
+) -> tuple[Any, Any, list[torch.Tensor]]:
+    """For benchmark scripts: the verifier (float32) from its folder, the draft bound to it, the linears packed as
+    `cpu_kernels` says (`cpu_kernels.use_cpu_kernels`), and the first `num_prompts` prompts of a JSON list (token
+    ids as they are; text through the verifier's tokenizer and chat template, `prompts.prompt_tensors`)."""
+    from transformers import AutoModelForCausalLM
+
+    from .cpu_kernels import use_cpu_kernels
+    from .loading import load_draft, load_tokenizer
+    from .prompts import prompt_tensors
+
+    verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).eval()
+    texts = json.loads(Path(prompts_file).read_text())[:num_prompts]
+    tokenizer = load_tokenizer(verifier_dir) if any(isinstance(t, str) for t in texts) else None
+    draft = load_draft(draft_dir).bind_verifier(verifier, tokenizer=tokenizer)
+    use_cpu_kernels(cpu_kernels, verifier, draft)
+    return verifier, draft, prompt_tensors(texts, tokenizer)
+
+
 def cpu_model() -> str:
     """The CPU's model name as `lscpu` prints it (from /proc/cpuinfo), else what `platform` knows."""
     try:
