@@ -156,3 +156,34 @@ def test_a_hook_added_after_binding_is_honoured(monkeypatch):
         assert lean_module.LeanPass.supports(verifier) is False
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_loop_runs_the_lean_layers_and_gives_the_verifier_alone_tokens(family, monkeypatch):
+    verifier = make_verifier(family)
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    calls = []
+    layer = LeanPass.layer
+    monkeypatch.setattr(LeanPass, "layer", lambda self, *a, **k: calls.append(1) or layer(self, *a, **k))
+    for prompt in make_prompts(3, seed=5):
+        alone = verifier.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert not calls  # the verifier alone keeps its stock layers
+        assert torch.equal(verifier.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=draft), alone)
+        assert calls, "transformers' loop did not run the lean layers"
+        assert all("forward" not in layer.__dict__ for layer in verifier.model.layers)  # put back afterwards
+        calls.clear()
+    draft.lean_verifier = False
+    verifier.generate(make_prompts(1)[0], max_new_tokens=6, do_sample=False, assistant_model=draft)
+    assert not calls
+
+
+def test_the_layer_check_can_fail_and_the_layers_are_put_back_after_an_error(monkeypatch):
+    verifier = make_verifier("llama")
+    lean = LeanPass.of(verifier, [1])
+    assert lean is not None and lean.swappable
+    monkeypatch.setattr(lean, "rotary", lambda q, k, cos, sin: (q, k))  # a layer without the rotary embedding
+    assert not lean.matches_stock_in_layers()
+    with pytest.raises(RuntimeError, match="boom"), lean.in_layers():
+        assert all("forward" in layer.__dict__ for layer in verifier.model.layers)
+        raise RuntimeError("boom")
+    assert all("forward" not in layer.__dict__ for layer in verifier.model.layers)

@@ -21,6 +21,7 @@ chain (a width-1 tree, `generation/session.py`) with the same code as the packag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from transformers.utils import ModelOutput
 from .speculators_config import FINGERPRINT_FIELDS, SpeculatorConfig, SpeculatorConfigError, tokenizer_hash, verifier_fingerprint
 from .speculators_generation_capture import VerifierBindingError, VerifierTap
 from .speculators_generation_kvcache import OUTPUT_CACHE_FIELD, DraftTreeState, MaskedCache
+from .speculators_generation_lean import lean_pass_for
 from .speculators_generation_policy import AdaptiveDrafting, adaptive_drafting, draft_length
 from .speculators_generation_sampling import Sampler
 from .speculators_generation_session import DraftSession
@@ -139,6 +141,10 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
     acceptance_signal: str = "probability"
     # the signals this draft can stop on (a family with an acceptance head adds "confidence")
     acceptance_signals: tuple[str, ...] = ("probability",)
+    # transformers' loop: run the verifier's decoder layers without transformers' per-call plumbing where that is
+    # bitwise the stock forward (generation/lean.py); False: always the stock layers. (The own loop's switch is
+    # `generate(..., lean_verifier=...)`.)
+    lean_verifier: bool = True
     # Writes README.md (the model card) into a checkpoint folder. Set by `speculators_hf.hub` when the
     # package is imported; a copy loaded as remote code has none and keeps the card already saved.
     card_writer: ClassVar[Callable[[Any, Path], None] | None] = None
@@ -335,10 +341,14 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             config.num_assistant_tokens, config.num_assistant_tokens_schedule = tokens, length.schedule
             config.assistant_confidence_threshold = 0.0
             self._last_stats = GenerationStats()
+            # the verifier's layers without transformers' per-call plumbing, where that is bitwise the same
+            # (generation/lean.py; checked once per binding): the stock forward otherwise
+            lean = lean_pass_for(self, verifier, tap) if self.lean_verifier else None
             tap.arm()
             finished = False
             try:
-                output = original_generate(*args, **kwargs)
+                with lean.in_layers() if lean is not None and lean.swappable else contextlib.nullcontext():
+                    output = original_generate(*args, **kwargs)
                 finished = True
                 prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
                 sequences = output if isinstance(output, torch.Tensor) else output.sequences

@@ -23,12 +23,21 @@ draft's own and transformers' output capturing.
 
 The lean pass returns the hidden states the draft reads (`VerifierTap`'s numbering: `hidden_states[i]` for
 i < num_layers, the post-norm state for i == num_layers), so the tap's hooks are not needed on this path.
+
+Transformers' loop (`verifier.generate(..., assistant_model=draft)`) calls the verifier's forward itself; there
+the bound generate() runs the verifier's decoder layers as `LeanPass.layer` for the call (`in_layers`: each
+layer's `forward` an instance attribute, put back afterwards), inside transformers' own model forward, its mask
+and the tap's hooks. `of` checks that path too (`matches_stock_in_layers`: 2D masks as generate passes them,
+padded and not, a prefill, a block and a single token over the cache) and `swappable` says whether it holds.
+`draft.lean_verifier = False` keeps the stock layers there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -71,6 +80,16 @@ def _hooked(module: nn.Module, allowed: Collection[int]) -> bool:
     return False
 
 
+def lean_pass_for(draft: Any, verifier: nn.Module, tap: Any) -> LeanPass | None:
+    """The lean pass of `draft`'s binding to `verifier` (made and checked once per binding, kept in it), or None
+    where it does not apply; hooks installed since the check are looked for on every call."""
+    binding = draft._binding
+    if "lean" not in binding:
+        binding["lean"] = LeanPass.of(verifier, tap.layer_ids, tap.hook_ids)
+    lean: LeanPass | None = binding["lean"]
+    return lean if lean is not None and LeanPass.supports(verifier, tap.hook_ids) else None
+
+
 class LeanPass:
     """A verifier forward pass as plain calls of the verifier's modules; see the module docstring."""
 
@@ -86,6 +105,8 @@ class LeanPass:
         # grouped-query attention straight through sdpa (`enable_gqa`) instead of transformers' `repeat_kv`, which
         # copies every cached key and value head once per query head sharing it, in every layer of every pass
         self.grouped = False
+        # whether transformers' loop may run the verifier's layers as `layer` (`in_layers`; checked by `of`)
+        self.swappable = False
 
     @staticmethod
     def supports(verifier: nn.Module, allowed_hooks: Collection[int] = ()) -> bool:
@@ -124,6 +145,7 @@ class LeanPass:
         for grouped in (True, False) if lean._groups > 1 else (False,):
             lean.grouped = grouped
             if lean.matches_stock(layer_ids):
+                lean.swappable = lean.matches_stock_in_layers()
                 return lean
         return None
 
@@ -149,49 +171,104 @@ class LeanPass:
         keep = set(layer_ids)
         states: dict[int, torch.Tensor] = {}
         hidden = self.decoder.embed_tokens(input_ids)
-        cos, sin = self.decoder.rotary_emb(hidden, position_ids)
-        implementation = self.verifier.config._attn_implementation
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
-        grouped = self.grouped and implementation == "sdpa" and input_ids.shape[1] > 1
-        shape = (*input_ids.shape, -1)
+        position = self.decoder.rotary_emb(hidden, position_ids)
         for index, layer in enumerate(self.layers):
             if index in keep:
                 states[index] = hidden
-            attn = layer.self_attn
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            heads = (*shape[:-1], -1, attn.head_dim)
-            query = attn.q_proj(hidden).view(heads)
-            key = attn.k_proj(hidden).view(heads)
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
-                query, key = attn.q_norm(query), attn.k_norm(key)
-            query, key = query.transpose(1, 2), key.transpose(1, 2)
-            value = attn.v_proj(hidden).view(heads).transpose(1, 2)
-            query, key = self.rotary(query, key, cos, sin)
-            key, value = cache.update(key, value, attn.layer_idx)
-            if grouped:  # (not for one query: there transformers folds the query heads, `pack_gqa`)
-                output = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True
-                ).transpose(1, 2)
-            else:
-                output, _ = attention(
-                    attn,
-                    query,
-                    key,
-                    value,
-                    attention_mask,
-                    dropout=0.0,
-                    scaling=attn.scaling,
-                    sliding_window=getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None)),
-                )
-            hidden = residual + attn.o_proj(output.reshape(shape).contiguous())
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self.layer(layer, hidden, position, attention_mask, cache)
         hidden = self.decoder.norm(hidden)
         states[len(self.layers)] = hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.verifier.lm_head(hidden), [states[i] for i in layer_ids]
+
+    def layer(
+        self, layer: Any, hidden: torch.Tensor, position: Any, mask: torch.Tensor | None, cache: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """One decoder layer over `hidden` [B, q, H]: `position` is the rotary embedding's (cos, sin), `mask` what
+        the model forward gives its layers (an additive or boolean 4D mask, or None for sdpa's causal path),
+        `kwargs` what it passes on to the attention function."""
+        attn = layer.self_attn
+        implementation = self.verifier.config._attn_implementation
+        residual = hidden
+        hidden = layer.input_layernorm(hidden)
+        heads = (*hidden.shape[:-1], -1, attn.head_dim)
+        query = attn.q_proj(hidden).view(heads)
+        key = attn.k_proj(hidden).view(heads)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = attn.v_proj(hidden).view(heads).transpose(1, 2)
+        query, key = self.rotary(query, key, *position)
+        if cache is not None:
+            key, value = cache.update(key, value, attn.layer_idx)
+        # the grouped-query step needs a mask (None: sdpa's causal path) and more than one query (for one,
+        # transformers folds the query heads, `pack_gqa`)
+        if self.grouped and implementation == "sdpa" and mask is not None and query.shape[2] > 1:
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            ).transpose(1, 2)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+            window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+            output, _ = attention(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling,
+                                  sliding_window=window, **kwargs)  # fmt: skip
+        hidden = residual + attn.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @contextmanager
+    def in_layers(self) -> Iterator[None]:
+        """While inside, the verifier's decoder layers run `layer` (their `forward`, an instance attribute; the model
+        forward around them stays transformers': transformers' loop calls it)."""
+        for layer in self.layers:
+            layer.forward = self._layer_forward(layer)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+
+    def _layer_forward(self, layer: Any) -> Any:
+        def forward(
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            position_embeddings: Any = None,
+            cache: Any = None,
+            past_key_values: Any = None,  # the name before transformers 5.24
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            cache = cache if cache is not None else past_key_values
+            return self.layer(layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+        return forward
+
+    def matches_stock_in_layers(self) -> bool:
+        """Whether `verifier(...)` gives bitwise equal logits with its layers running `layer` (`in_layers`), as
+        transformers' generate calls it: 2D masks (a padded batch; one sequence, where sdpa takes its causal path
+        without a mask), then a block and a single token over the cache."""
+        from transformers import DynamicCache
+
+        verifier = self.verifier
+        device = next(verifier.parameters()).device
+        vocab = verifier.get_input_embeddings().weight.shape[0]
+        ids = (torch.arange(20, device=device) * 7919 % vocab).view(2, 10)
+        padded = torch.ones(2, 10, dtype=torch.long, device=device)
+        padded[1, :3] = 0
+        with torch.inference_mode():
+            for mask, rows in ((padded, 2), (torch.ones_like(padded[:1]), 1)):
+                logits = []
+                for swapped in (False, True):
+                    cache, out = DynamicCache(), []
+                    with self.in_layers() if swapped else contextlib.nullcontext():
+                        for start, end in ((0, 6), (6, 9), (9, 10)):
+                            positions = (mask[:, :end].cumsum(1) - 1).clamp(min=0)[:, start:]
+                            out.append(verifier(input_ids=ids[:rows, start:end], attention_mask=mask[:, :end],
+                                                position_ids=positions, use_cache=True,
+                                                **cache_kwargs(cache)).logits)  # fmt: skip
+                    logits.append(out)
+                if not all(map(torch.equal, *logits)):
+                    return False
+        return True
 
     def matches_stock(self, layer_ids: list[int]) -> bool:
         """Whether this pass and `verifier(...)` give bitwise equal logits and hidden states `layer_ids` on a

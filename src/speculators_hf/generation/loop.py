@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 from .acceptance import accept_greedy, accept_sampling
 from .capture import VerifierBindingError
 from .kvcache import MaskedCache, cache_kwargs, causal_block
-from .lean import LeanPass
+from .lean import lean_pass_for
 from .policy import Round, drafting_for, sync
 from .sampling import Sampler
 from .settings import _call, eos_token_ids, prepare_config, row_decodings
@@ -60,16 +60,6 @@ def _check_verifier(verifier: Any) -> None:
             f"{type(verifier).__name__} uses sliding-window (or other non-full) attention layers, which the tree "
             "loop's append-only cache does not model; use verifier.generate(..., assistant_model=draft) instead"
         )
-
-
-def _lean_pass(draft: Any, verifier: Any, tap: Any) -> LeanPass | None:
-    """The binding's lean pass for `verifier` (checked against the stock forward once per binding), or None
-    where it does not apply (now: hooks installed since are looked for on every call)."""
-    binding = draft._binding
-    if "lean" not in binding:
-        binding["lean"] = LeanPass.of(verifier, tap.layer_ids, tap.hook_ids)
-    lean = binding["lean"]
-    return lean if lean is not None and LeanPass.supports(verifier, tap.hook_ids) else None
 
 
 class InputError(ValueError, RuntimeError, IndexError):
@@ -165,7 +155,7 @@ def generate(
     if getattr(draft, "verifier", None) is not verifier:
         draft.bind_verifier(verifier)
     tap = draft._binding["tap"]
-    lean = _lean_pass(draft, verifier, tap) if lean_verifier else None
+    lean = lean_pass_for(draft, verifier, tap) if lean_verifier else None
     keeps_logits = "logits_to_keep" in inspect.signature(verifier.forward).parameters
     device = verifier.device
     # the special tokens as transformers resolves them, with its warnings (the pad id: pad_token_id, else the first

@@ -1,1 +1,1 @@
-../../blobs/19371cad5c82e795fc470a0ac19b83fd989b4da57b2cad9ebfca115f86c37bb2
+../../blobs/f610494ab10d8b2e845f42b559c6dd1cdfefc1c8fb5c8468178bf03c1701b94b

@@ -1,0 +1,1 @@
+../../blobs/824f4b0fc5bd003a1bd317cff6411f4c336e6b2026faad15ff1a9f24414c76b5
