@@ -24,6 +24,13 @@ draft's own and transformers' output capturing.
 
 The lean pass returns the hidden states the draft reads (`VerifierTap`'s numbering: `hidden_states[i]` for
 i < num_layers, the post-norm state for i == num_layers), so the tap's hooks are not needed on this path.
+
+Transformers' loop (`verifier.generate(..., assistant_model=draft)`) calls the verifier's forward itself; there
+the bound generate() runs the verifier's decoder layers as `LeanPass.layer` for the call (`in_layers`: each
+layer's `forward` an instance attribute, put back afterwards), inside transformers' own model forward, its mask
+and the tap's hooks. `of` checks that path too (`matches_stock_in_layers`: 2D masks as generate passes them,
+padded and not, a prefill, a block and a single token over the cache) and `swappable` says whether it holds.
+`draft.lean_verifier = False` keeps the stock layers there.
 """
 
 from __future__ import annotations

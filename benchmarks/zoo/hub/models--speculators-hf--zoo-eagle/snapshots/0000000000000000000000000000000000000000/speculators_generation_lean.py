@@ -1,1 +1,1 @@
-../../blobs/824f4b0fc5bd003a1bd317cff6411f4c336e6b2026faad15ff1a9f24414c76b5
+../../blobs/ba3a9128e59a036f2e9618fba4b42dab7b3864ef77b998c1abe3c0fa61b9dcd3
