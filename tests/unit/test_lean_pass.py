@@ -187,3 +187,16 @@ def test_the_layer_check_can_fail_and_the_layers_are_put_back_after_an_error(mon
         assert all("forward" in layer.__dict__ for layer in verifier.model.layers)
         raise RuntimeError("boom")
     assert all("forward" not in layer.__dict__ for layer in verifier.model.layers)
+
+
+def test_transformers_loop_keeps_the_stock_layers_when_attention_weights_are_asked_for(monkeypatch):
+    verifier = make_verifier("llama", attn_implementation="eager")
+    draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
+    calls = []
+    layer = LeanPass.layer
+    monkeypatch.setattr(LeanPass, "layer", lambda self, *a, **k: calls.append(1) or layer(self, *a, **k))
+    prompt = make_prompts(1, seed=2)[0]
+    out = verifier.generate(prompt, max_new_tokens=6, do_sample=False, assistant_model=draft,
+                            output_attentions=True, return_dict_in_generate=True)  # fmt: skip
+    assert not calls and out.attentions is not None
+    assert torch.equal(out.sequences, verifier.generate(prompt, max_new_tokens=6, do_sample=False))

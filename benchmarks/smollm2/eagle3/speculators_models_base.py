@@ -342,8 +342,11 @@ class SpeculatorModel(PreTrainedModel, GenerationMixin):
             config.assistant_confidence_threshold = 0.0
             self._last_stats = GenerationStats()
             # the verifier's layers without transformers' per-call plumbing, where that is bitwise the same
-            # (generation/lean.py; checked once per binding): the stock forward otherwise
-            lean = lean_pass_for(self, verifier, tap) if self.lean_verifier else None
+            # (generation/lean.py; checked once per binding): the stock forward otherwise, and when attention
+            # weights are asked for (the lean layer calls the attention function, not the hooked attention module)
+            settings = kwargs.get("generation_config") or verifier.generation_config
+            attentions = kwargs.get("output_attentions", getattr(settings, "output_attentions", False))
+            lean = lean_pass_for(self, verifier, tap) if self.lean_verifier and not attentions else None
             tap.arm()
             finished = False
             try:
