@@ -200,3 +200,11 @@ def test_transformers_loop_keeps_the_stock_layers_when_attention_weights_are_ask
                             output_attentions=True, return_dict_in_generate=True)  # fmt: skip
     assert not calls and out.attentions is not None
     assert torch.equal(out.sequences, verifier.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("vocab", [5, 23])
+def test_the_check_runs_on_a_tiny_vocabulary(vocab):
+    """The check's own inputs stay ids of the verifier's vocabulary (it once fed id = vocab to a 23-token model)."""
+    verifier = make_verifier("llama", vocab_size=vocab)
+    lean = LeanPass.of(verifier, [1])
+    assert lean is not None and lean.swappable

@@ -289,7 +289,7 @@ class LeanPass:
         steps = [
             (ids[:, :7], positions, additive_mask(causal_block(valid), dtype)),
             (
-                ids[:, 4:7] + 1,
+                (ids[:, 4:7] + 1) % vocab,  # ids of the vocabulary, however small
                 positions[:, -1:] + torch.tensor([[1, 2, 2]], device=param.device),
                 additive_mask(torch.cat([context, block[None].expand(2, -1, -1)], dim=2), dtype),
             ),

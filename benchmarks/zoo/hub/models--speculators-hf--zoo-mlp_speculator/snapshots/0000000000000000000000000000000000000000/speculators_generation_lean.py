@@ -1,1 +1,1 @@
-../../blobs/ba3a9128e59a036f2e9618fba4b42dab7b3864ef77b998c1abe3c0fa61b9dcd3
+../../blobs/c8dbcd8012aff54a6d09c148ee1267f072ba3cfd86409387b6c65eeb67d03a0b
