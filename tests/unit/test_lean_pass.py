@@ -37,6 +37,14 @@ def _rounds(seed: int = 0, prompt: int = 9):
         next_position = next_position + width
 
 
+def _counted(monkeypatch, method: str) -> list[int]:
+    """A list that grows by one at each call of `LeanPass.<method>` (which still runs) while the test lasts."""
+    calls: list[int] = []
+    original = getattr(LeanPass, method)
+    monkeypatch.setattr(LeanPass, method, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
 def _compare(verifier, lean, layer_ids, prompt: int = 9):
     stock_cache, lean_cache = DynamicCache(), DynamicCache()
     num_layers = verifier.config.num_hidden_layers
@@ -127,9 +135,7 @@ def test_hooks_the_lean_loop_would_bypass_make_it_decline():
 def test_the_loop_runs_the_lean_pass_and_gives_the_stock_tokens(family, monkeypatch):
     verifier = make_verifier(family)
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
-    calls = []
-    call = LeanPass.__call__
-    monkeypatch.setattr(LeanPass, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k))
+    calls = _counted(monkeypatch, "__call__")
     prompts = make_prompts(3, seed=7)
     for prompt in prompts:
         lean = sh.generate(verifier, draft, prompt, tree="dynamic:3:2:6", max_new_tokens=16)
@@ -162,9 +168,7 @@ def test_a_hook_added_after_binding_is_honoured(monkeypatch):
 def test_transformers_loop_runs_the_lean_layers_and_gives_the_verifier_alone_tokens(family, monkeypatch):
     verifier = make_verifier(family)
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
-    calls = []
-    layer = LeanPass.layer
-    monkeypatch.setattr(LeanPass, "layer", lambda self, *a, **k: calls.append(1) or layer(self, *a, **k))
+    calls = _counted(monkeypatch, "layer")
     for prompt in make_prompts(3, seed=5):
         alone = verifier.generate(prompt, max_new_tokens=12, do_sample=False)
         assert not calls  # the verifier alone keeps its stock layers
@@ -192,9 +196,7 @@ def test_the_layer_check_can_fail_and_the_layers_are_put_back_after_an_error(mon
 def test_transformers_loop_keeps_the_stock_layers_when_attention_weights_are_asked_for(monkeypatch):
     verifier = make_verifier("llama", attn_implementation="eager")
     draft = sh.Eagle3Speculator.from_verifier(verifier, draft_vocab_size=64)
-    calls = []
-    layer = LeanPass.layer
-    monkeypatch.setattr(LeanPass, "layer", lambda self, *a, **k: calls.append(1) or layer(self, *a, **k))
+    calls = _counted(monkeypatch, "layer")
     prompt = make_prompts(1, seed=2)[0]
     out = verifier.generate(prompt, max_new_tokens=6, do_sample=False, assistant_model=draft,
                             output_attentions=True, return_dict_in_generate=True)  # fmt: skip
